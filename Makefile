@@ -1,0 +1,52 @@
+# labkit: two commands.   make lab   |   make test
+# Everything else is a step those two call, or a convenience.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NB_CELL_TIMEOUT ?= 240
+
+.PHONY: lab test setup system venv lint bench doctor clean help
+
+help:
+	@echo "make lab    - set everything up and open JupyterLab on notebooks/"
+	@echo "make test   - set everything up and run the whole suite (tests + every notebook)"
+	@echo "make lint   - ruff"
+	@echo "make bench  - cluster start-up benchmark"
+	@echo "make doctor - what labkit finds on this machine"
+	@echo "make clean  - remove the virtualenv and generated data"
+
+setup: system venv
+
+system:
+	@bash scripts/system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+lab: setup
+	$(PY) -m labkit.cli doctor --quiet
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+test: setup
+	$(PY) -m labkit.cli doctor --quiet
+	$(VENV)/bin/ruff check labkit tests bench
+	$(PY) -m pytest tests -v --durations=15 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
+
+lint: venv
+	$(VENV)/bin/ruff check labkit tests bench
+
+bench: setup
+	$(PY) bench/cluster_start.py
+
+doctor: venv
+	$(PY) -m labkit.cli doctor
+
+clean:
+	rm -rf $(VENV) data/generated .pytest_cache .ruff_cache

@@ -1,0 +1,213 @@
+"""``labkit``: doctor | up | status | down (and data, for lessons that generate files).
+
+* ``labkit doctor`` — what labkit finds (versions, paths) and the exact remedy
+  for anything missing; exit 1 when something required is missing.
+* ``labkit up`` — a cluster in the foreground until Ctrl-C; ``--json`` prints
+  one JSON object (``redis_url``, ``zk_hosts``, ...) for scripts.
+* ``labkit status`` — clusters running on this machine (from their state files).
+* ``labkit down`` — stop them all (or one, by id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+CHECKS = ("python", "redis-server", "java", "zookeeper", "libfaketime", "packages")
+
+
+def _doctor_rows() -> list[tuple[str, bool, str, str]]:
+    """(what, ok, found, remedy) for each requirement."""
+    from .services import redis as r  # noqa: PLC0415
+    from .services import zookeeper as z  # noqa: PLC0415
+
+    rows = []
+    rows.append(("python", sys.version_info >= (3, 10), f"{sys.version.split()[0]} at {sys.executable}",
+                 "use Python 3.10 or newer"))
+    binary = r.find_redis_server()
+    if binary:
+        try:
+            rows.append(("redis-server", True, f"{r.redis_version(binary)} at {binary}", ""))
+        except Exception as exc:  # a binary that does not run
+            rows.append(("redis-server", False, f"{binary} does not run: {exc}", r.REMEDY))
+    else:
+        rows.append(("redis-server", False, "not found", r.REMEDY))
+    java = z.find_java()
+    rows.append(("java", bool(java), java or "not found", "sudo apt-get install default-jre-headless"))
+    cp = z.find_zookeeper_classpath()
+    if cp and java:
+        try:
+            rows.append(("zookeeper", True, f"{z.zookeeper_version(cp, java)} ({cp})", ""))
+        except Exception as exc:
+            rows.append(("zookeeper", False, f"{cp} does not run: {exc}", z.REMEDY))
+    else:
+        rows.append(("zookeeper", False, cp or "not found", z.REMEDY))
+    from .faketime import find_libfaketime  # noqa: PLC0415
+
+    lib = find_libfaketime()
+    rows.append(("libfaketime", bool(lib), lib or "not found",
+                 "sudo apt-get install libfaketime (needed by the clock-skew lesson)"))
+    versions = []
+    missing = []
+    for pkg in ("celery", "kombu", "redis", "kazoo", "jupyterlab", "nbval"):
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(pkg)
+    rows.append(("packages", not missing, ", ".join(versions) + (f"; missing {missing}" if missing else ""),
+                 "pip install -e '.[dev]' (make setup does it)"))
+    return rows
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    rows = _doctor_rows()
+    bad = [r for r in rows if not r[1]]
+    if not args.quiet or bad:
+        for what, ok, found, remedy in rows:
+            mark = "ok " if ok else "MISSING"
+            print(f"{mark:8} {what:13} {found}")
+            if not ok:
+                print(f"{'':8} {'':13} remedy: {remedy}")
+    if args.quiet and not bad:
+        print("labkit doctor: all requirements found")
+    return 1 if bad else 0
+
+
+def _state_files() -> list[Path]:
+    from .cluster import run_root  # noqa: PLC0415
+
+    return sorted(run_root().glob("*/cluster.json"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clusters() -> list[dict]:
+    out = []
+    for path in _state_files():
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads(path.read_text())
+            state["owner_alive"] = _alive(int(state["owner_pid"]))
+            out.append(state)
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    clusters = [c for c in _clusters() if c["owner_alive"]]
+    if args.json:
+        print(json.dumps(clusters, indent=1))
+        return 0
+    if not clusters:
+        print("no labkit cluster is running")
+        return 0
+    for c in clusters:
+        print(f"{c['id']}  owner pid {c['owner_pid']}  {c['state']}  redis {c['redis_url']}  zk {c['zk_hosts'] or '-'}")
+        for s in c["services"]:
+            print(f"    {s['name']:<8} {s['kind']:<9} pid={s['pid']}  {s['address']}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from .services.base import labkit_processes  # noqa: PLC0415
+
+    targets = [c for c in _clusters() if not args.id or c["id"] == args.id]
+    for c in targets:
+        if c["owner_alive"] and int(c["owner_pid"]) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(c["owner_pid"]), signal.SIGTERM)
+            print(f"asked {c['id']} (owner pid {c['owner_pid']}) to close")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and labkit_processes(args.id or None):
+        time.sleep(0.2)
+    leftovers = labkit_processes(args.id or None)
+    for p in leftovers:
+        with contextlib.suppress(Exception):
+            p.kill()
+    if leftovers:
+        print(f"killed {len(leftovers)} leftover process(es)")
+    if not targets and not leftovers:
+        print("no labkit cluster is running")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .cluster import LocalCluster  # noqa: PLC0415
+
+    cluster = LocalCluster(workers=args.workers, zookeeper=args.zookeeper, reuse=False)
+
+    def _stop(*_a) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        info = {
+            "id": cluster.id, "redis_url": cluster.redis_url, "zk_hosts": cluster.zk_hosts,
+            "workers": [w.hostname for w in cluster.workers.values()], "run_dir": str(cluster.run_dir),
+            "started_in_s": round(cluster.started_in or 0, 2),
+        }
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(cluster, flush=True)
+            print(f"ready in {info['started_in_s']} s; export LABKIT_REDIS_URL={cluster.redis_url}"
+                  f" LABKIT_ZK_HOSTS={cluster.zk_hosts}; Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.close()
+        if not args.json:
+            print("cluster closed", flush=True)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    try:
+        from .data import main as data_main  # noqa: PLC0415
+    except ImportError:
+        print("labkit data: the data generator is not installed in this version", file=sys.stderr)
+        return 2
+    return data_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="labkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("doctor", help="check what labkit needs")
+    p.add_argument("--quiet", action="store_true", help="one line when everything is found")
+    p.set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("up", help="run a cluster in the foreground until Ctrl-C")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--zookeeper", type=int, default=1, help="0 none, 1 standalone, N ensemble")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the addresses")
+    p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("status", help="list running clusters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("down", help="stop running clusters")
+    p.add_argument("id", nargs="?", default="", help="one cluster id (default: all)")
+    p.set_defaults(fn=cmd_down)
+    p = sub.add_parser("data", help="generate lesson data (labkit data vehicle-sales --size 200MB --out F)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_data)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""A real ``celery worker`` subprocess (prefork by default) with per-worker options.
+
+:class:`WorkerSpec` is what a lesson asks for (queues, concurrency, pool,
+prefetch, limits, extra environment); :class:`WorkerService` turns it into the
+exact ``celery worker`` command line and environment, and decides readiness:
+the worker wrote its ready marker (Celery's ``worker_ready`` signal) *and*
+answers a control ping addressed to its hostname.
+
+Gossip, mingle and heartbeats are off: they cost about a second at start-up
+and no lesson needs workers to discover each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import psutil
+
+from .base import Service, ServiceError
+
+POOLS = ("prefork", "solo", "threads")
+
+
+@dataclass
+class WorkerSpec:
+    """What one worker should look like. Every field maps to a ``celery worker`` option."""
+
+    name: str = ""
+    queues: tuple[str, ...] = ("celery",)
+    concurrency: int = 2
+    pool: str = "prefork"
+    prefetch_multiplier: int | None = None
+    disable_prefetch: bool = False
+    max_tasks_per_child: int | None = None
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+    autoscale: tuple[int, int] | None = None
+    events: bool = False
+    loglevel: str = "INFO"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.queues, str):
+            self.queues = tuple(q.strip() for q in self.queues.split(",") if q.strip())
+        else:
+            self.queues = tuple(self.queues)
+        if not self.queues:
+            raise ValueError("a worker needs at least one queue")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, not {self.pool!r}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
+        if self.name and not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"worker name {self.name!r}: use letters, digits, '-' and '_' only")
+
+    @classmethod
+    def from_options(cls, name: str, **options) -> WorkerSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown worker option(s) {sorted(unknown)}; known: {sorted(known - {'name'})}")
+        return cls(name=name, **options)
+
+
+@dataclass
+class WorkerService(Service):
+    """One ``celery worker`` process; ``ping`` is the cluster's control-ping function."""
+
+    spec: WorkerSpec = field(default_factory=WorkerSpec)
+    redis_url: str = ""
+    zk_hosts: str = ""
+    settings: dict = field(default_factory=dict)
+    include: list[str] | None = None
+    ping: Callable[[str, float], bool] | None = field(default=None, repr=False)
+
+    kind = "worker"
+    stop_signal = signal.SIGQUIT  # cold shutdown: do not wait for running tasks at close
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}@{self.cluster_id or 'labkit'}"
+
+    @property
+    def local_dir(self) -> Path:
+        """This worker's private directory, standing in for its host's local disk."""
+        return self.run_dir / "local" / self.name
+
+    @property
+    def ready_file(self) -> Path:
+        return self.run_dir / "ready" / self.name
+
+    def describe(self) -> str:
+        s = self.spec
+        extra = f" -c{s.concurrency}" if s.pool != "solo" else ""
+        return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
+
+    def prepare(self) -> None:
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
+
+    def command(self) -> list[str]:
+        s = self.spec
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "labkit.worker_app:app", "worker",
+            "--hostname", self.hostname,
+            "--queues", ",".join(s.queues),
+            "--pool", s.pool,
+            "--loglevel", s.loglevel,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]
+        if s.pool != "solo":
+            cmd += ["--concurrency", str(s.concurrency)]
+        if s.autoscale:
+            cmd += ["--autoscale", f"{s.autoscale[1]},{s.autoscale[0]}"]
+        if s.prefetch_multiplier is not None:
+            cmd += ["--prefetch-multiplier", str(s.prefetch_multiplier)]
+        if s.disable_prefetch:
+            cmd += ["--disable-prefetch"]
+        if s.max_tasks_per_child is not None:
+            cmd += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
+        if s.soft_time_limit is not None:
+            cmd += ["--soft-time-limit", str(s.soft_time_limit)]
+        if s.time_limit is not None:
+            cmd += ["--time-limit", str(s.time_limit)]
+        if s.events:
+            cmd += ["--task-events"]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            "LABKIT_REDIS_URL": self.redis_url,
+            "LABKIT_ZK_HOSTS": self.zk_hosts,
+            "LABKIT_SETTINGS": json.dumps(self.settings),
+            "LABKIT_LOCAL_DIR": str(self.local_dir),
+            "LABKIT_WORKER_NAME": self.name,
+            "LABKIT_READY_FILE": str(self.ready_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.include is not None:
+            env["LABKIT_INCLUDE"] = ",".join(self.include)
+        env.update(self.spec.env)
+        return env
+
+    def probe(self) -> bool:
+        if not self.ready_file.exists():
+            return False
+        return self.ping is not None and self.ping(self.hostname, 1.0)
+
+    def remedy(self) -> str:
+        return "read the worker log above; `labkit doctor` checks the Python environment"
+
+    # -- pool children ---------------------------------------------------------------
+    def children(self) -> list[int]:
+        """PIDs of the worker's pool processes (prefork children), oldest first."""
+        if not self.alive():
+            return []
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return []
+        kids = [k for k in kids if _safe_status(k) != psutil.STATUS_ZOMBIE]
+        return [k.pid for k in sorted(kids, key=lambda k: (_safe_create(k), k.pid))]
+
+    def child_pid(self, index: int) -> int:
+        kids = self.children()
+        if not kids:
+            raise ServiceError(self.name, "has no pool children (solo/threads pool, or not running)")
+        if not -len(kids) <= index < len(kids):
+            raise ServiceError(self.name, f"has {len(kids)} pool children; index {index} is out of range")
+        return kids[index]
+
+    def signal_child(self, index: int, sig: int) -> int:
+        pid = self.child_pid(index)
+        os.kill(pid, sig)
+        return pid
+
+
+def _safe_status(p: psutil.Process) -> str:
+    try:
+        return p.status()
+    except psutil.Error:
+        return psutil.STATUS_ZOMBIE
+
+
+def _safe_create(p: psutil.Process) -> float:
+    try:
+        return p.create_time()
+    except psutil.Error:
+        return 0.0

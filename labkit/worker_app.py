@@ -1,0 +1,31 @@
+"""Entry point for ``celery -A labkit.worker_app worker``: the app, built from the environment.
+
+The cluster passes ``LABKIT_REDIS_URL``, ``LABKIT_SETTINGS`` (JSON) and
+``LABKIT_INCLUDE`` (comma-separated modules) to every worker it starts, and
+builds the notebook's own app from the same values. When the worker is ready
+it writes ``LABKIT_READY_FILE`` so the cluster knows when a control ping is
+worth sending.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery.signals import worker_ready
+
+from labkit.app import env_settings, make_app, redis_url
+
+_include = os.environ.get("LABKIT_INCLUDE")
+app = make_app(
+    redis_url(),
+    settings=env_settings(),
+    include=[m for m in _include.split(",") if m] if _include is not None else None,
+)
+
+
+@worker_ready.connect
+def _mark_ready(**_kwargs) -> None:
+    marker = os.environ.get("LABKIT_READY_FILE")
+    if marker:
+        Path(marker).write_text(str(os.getpid()))

