@@ -220,8 +220,8 @@ class Comparison:
             for m in (self.before, self.after)
         )
         return (
-            f"<b>{self.title or self.metric}</b> ({self.unit}; {self.better} is better) — "
-            f"<b>{fmt(self.factor)}×</b> better after the fix"
+            f"<b>{self.title or self.metric}</b> ({self.unit}; {self.better} is better): "
+            f"{self.after.label} is <b>{fmt(self.factor)}×</b> better than {self.before.label}"
             "<table><thead><tr><th>run</th><th>value</th><th>stat</th><th>n</th><th>range</th></tr>"
             f"</thead><tbody>{rows}</tbody></table>"
         )

@@ -66,8 +66,9 @@ def bars(measurements: Sequence[Measurement], ax=None, *, title: str = "", log: 
             if 1 < m.n <= 400:
                 jitter = [i + ((k % 7) - 3) * 0.04 for k in range(m.n)]
                 ax.scatter(jitter, m.values, s=8, color="black", alpha=0.45, zorder=3)
-    for i, v in enumerate(values):
-        ax.annotate(fmt(v), (i, v), ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+    for i, (m, v) in enumerate(zip(measurements, values, strict=True)):
+        top = max([v, *m.values]) if show_points and 1 < m.n <= 400 else v
+        ax.annotate(fmt(v), (i, top), ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(values)), labels, rotation=0 if len(values) <= 3 else 20, ha="center" if len(values) <= 3 else "right")
     if log:
         ax.set_yscale("log")

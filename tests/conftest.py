@@ -7,8 +7,12 @@ standalone ZooKeeper) is shared per module to keep the suite fast.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+import uuid
 
+import psutil
 import pytest
 
 from labkit import LocalCluster
@@ -28,11 +32,23 @@ def cluster():
         yield c
 
 
+# Every process this test session starts (notebook kernels and their services
+# included) inherits this mark, so the leak check never blames a cluster that
+# someone else on the machine is running.
+SESSION = os.environ.setdefault("LABKIT_TEST_SESSION", uuid.uuid4().hex)
+
+
+def _ours(p: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error, OSError):
+        return p.environ().get("LABKIT_TEST_SESSION") == SESSION
+    return False
+
+
 def wait_no_leftovers(cluster_id: str | None = None, timeout: float = 10.0) -> list:
-    """Processes still carrying labkit's mark after ``timeout`` seconds (empty is good)."""
+    """This session's processes still carrying labkit's mark after ``timeout`` s (empty is good)."""
     deadline = time.monotonic() + timeout
     while True:
-        left = labkit_processes(cluster_id)
+        left = [p for p in labkit_processes(cluster_id) if _ours(p)]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)

@@ -102,6 +102,9 @@ def free_port() -> int:
 def port_in_use(port: int) -> bool:
     """True when something on this machine already listens on 127.0.0.1:port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: connections lingering in TIME_WAIT after a restart do not count,
+        # only a live listener does (servers set the same option themselves).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
