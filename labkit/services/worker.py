@@ -13,6 +13,7 @@ and no lesson needs workers to discover each other.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from ..faketime import skew_environment
 from .base import Service, ServiceError
 
 POOLS = ("prefork", "solo", "threads")
@@ -44,6 +46,7 @@ class WorkerSpec:
     events: bool = False
     loglevel: str = "INFO"
     env: dict[str, str] = field(default_factory=dict)
+    clock_offset: float = 0.0  # seconds this worker's wall clock is ahead (+) or behind (-); libfaketime
 
     def __post_init__(self) -> None:
         if isinstance(self.queues, str):
@@ -58,6 +61,10 @@ class WorkerSpec:
             raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
         if self.name and not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"worker name {self.name!r}: use letters, digits, '-' and '_' only")
+        if isinstance(self.clock_offset, bool) or not isinstance(self.clock_offset, int | float) \
+                or not math.isfinite(self.clock_offset):
+            raise ValueError(f"clock_offset must be a finite number of seconds, not {self.clock_offset!r}")
+        self.clock_offset = float(self.clock_offset)
 
     @classmethod
     def from_options(cls, name: str, **options) -> WorkerSpec:
@@ -145,6 +152,7 @@ class WorkerService(Service):
         }
         if self.include is not None:
             env["LABKIT_INCLUDE"] = ",".join(self.include)
+        env.update(skew_environment(self.spec.clock_offset))
         env.update(self.spec.env)
         return env
 
