@@ -238,18 +238,31 @@ class StampingScheduler(Scheduler):
         return super().apply_async(entry, producer, advance, **kwargs)
 
 
-def beat_skew(start: float, lead: float, direction: int, least: float = 15.0) -> float:
-    """A skew that makes a beat started at ``start`` reach a minute boundary ``lead`` s later.
+def beat_skew(start: float, direction: int, *, want: float = 30.0, least: float = 12.0,
+              leads: tuple[float, float] = (7.0, 17.0)) -> tuple[float, float]:
+    """A skew, and a lead, that make a beat started at ``start`` meet a minute boundary soon.
 
-    ``direction`` +1: the beat's clock is ahead by least..least+60 s (it fires
-    early); -1: behind by least..least+60 s (it fires late).
+    Returns ``(skew, lead)``: a beat whose clock is ``skew`` seconds off
+    reads hh:mm:00 ``lead`` seconds after ``start``, with ``lead`` within
+    ``leads`` (so the beat has time to start, and we do not wait long).
+    ``direction`` +1 asks for a fast beat (it fires early), -1 for a slow one
+    (late); among the possible skews (at least ``least`` s) the one nearest
+    ``want`` s is chosen.
     """
-    target = start + lead  # true time at which beat's clock should read hh:mm:00
-    if direction > 0:
-        boundary = math.ceil((target + least) / 60) * 60
-    else:
-        boundary = math.floor((target - least) / 60) * 60
-    return round(boundary - target, 3)
+    best: tuple[float, float] | None = None
+    steps = 32
+    for i in range(steps + 1):
+        lead = leads[0] + (leads[1] - leads[0]) * i / steps
+        target = start + lead  # true time at which beat's clock should read hh:mm:00
+        for k in range(-3, 4):
+            boundary = (math.floor((target + direction * want) / 60) + k) * 60
+            skew = boundary - target
+            if direction * skew < least:
+                continue
+            if best is None or abs(abs(skew) - want) < abs(abs(best[0]) - want):
+                best = (skew, lead)
+    assert best is not None
+    return round(best[0], 3), round(best[1], 3)
 
 
 @dataclass
@@ -260,7 +273,7 @@ class BeatRun:
     run: str
     skews: dict[str, float]
     started: float
-    lead: float
+    leads: dict[str, float]
     procs: dict[str, Any] = field(default_factory=dict)
     ticks: list[dict] = field(default_factory=list)
     stopped: bool = False
@@ -271,7 +284,7 @@ class BeatRun:
         Each tick: ``beat``, ``skew``, the minute ``boundary`` beat meant, and
         ``error`` = true send time − that boundary (negative: early).
         """
-        timeout = self.lead + 10 if timeout is None else timeout
+        timeout = max(self.leads.values()) + 10 if timeout is None else timeout
         r = self.cluster.redis_client()
         try:
             deadline = time.monotonic() + max(0.0, timeout - (time.time() - self.started))
@@ -315,9 +328,11 @@ class BeatRun:
         self.stop()
 
 
-def start_beats(cluster: LocalCluster, *, lead: float = 7.0, least: float = 15.0,
+def start_beats(cluster: LocalCluster, *, want: float = 30.0, leads: tuple[float, float] = (7.0, 17.0),
                 queue_name: str = "true") -> BeatRun:
-    """Start a fast and a slow ``celery beat`` whose clocks reach a minute boundary ``lead`` s from now.
+    """Start a fast and a slow ``celery beat`` whose clocks reach a minute boundary 7-17 s from now.
+
+    The skews are as near ``want`` s as that allows (see :func:`beat_skew`).
 
     Each beat runs in its own process group (``labkit.services.base.spawn``:
     parent-death signal, log file ``logs/beat-<name>.log``), carries the
@@ -328,8 +343,11 @@ def start_beats(cluster: LocalCluster, *, lead: float = 7.0, least: float = 15.0
 
     run = uuid.uuid4().hex[:8]
     started = redis_now(cluster.redis_client())
-    skews = {"fast beat": beat_skew(started, lead, +1, least), "slow beat": beat_skew(started, lead, -1, least)}
-    beats = BeatRun(cluster=cluster, run=run, skews=skews, started=started, lead=lead)
+    plan = {"fast beat": beat_skew(started, +1, want=want, leads=leads),
+            "slow beat": beat_skew(started, -1, want=want, leads=leads)}
+    skews = {name: skew for name, (skew, _) in plan.items()}
+    beats = BeatRun(cluster=cluster, run=run, skews=skews, started=started,
+                    leads={name: lead for name, (_, lead) in plan.items()})
     try:
         for name, skew in skews.items():
             slug = name.replace(" ", "-")
@@ -504,11 +522,11 @@ def plot_countdown(delays: dict[float, list[float]], countdown: float, window: f
 
     ax = plots._ax(ax)
     skews = sorted(delays)
-    xs = [-30 + 0.0, 30.0]
-    lo, hi = min(min(skews), xs[0]), max(max(skews), xs[1])
+    lo, hi = min(skews) - 5, max(skews) + 5
     model_x = [lo + (hi - lo) * i / 200 for i in range(201)]
-    ax.plot(model_x, [min(max(0.0, countdown - x), window * 1.25) for x in model_x], ls="--", color="grey",
+    ax.plot(model_x, [max(0.0, countdown - x) for x in model_x], ls="--", color="grey",
             lw=1, label="countdown − skew (model)")
+    ax.set_ylim(-1, window * 1.25)
     ax.axhline(countdown, color=plots.AFTER, lw=1, alpha=0.6, label=f"requested {countdown:g} s")
     ax.axhline(window, color="black", lw=0.8, ls=":", label=f"window {window:g} s")
     ran = [(s, d) for s in skews for d in delays[s] if math.isfinite(d)]
@@ -522,6 +540,37 @@ def plot_countdown(delays: dict[float, list[float]], countdown: float, window: f
     ax.set_xticks(skews)
     return plots._style(ax, f"countdown={countdown:g}: actual delay vs worker clock skew",
                         "actual delay [s]", "worker clock skew [s] (+ = ahead)")
+
+
+def beat_measurements(beats: BeatRun) -> list[Measurement]:
+    """Each beat's first tick: seconds between the true minute boundary and the moment it fired."""
+    return [
+        Measurement(f"{name} ({skew:+.0f} s)", "fired after the minute", "s", [err], meta={"skew": skew})
+        for (name, err), skew in zip(beats.errors().items(), beats.skews.values(), strict=True)
+    ]
+
+
+def summary_figure(reports_ms: Sequence[Measurement], delays: dict[float, list[float]], countdown: float,
+                   window: float, expires_ms: Sequence[Measurement], beat_ms: Sequence[Measurement]):
+    """The lesson in four panels: wrong picks, countdown delay vs skew, discarded tasks, beat timing."""
+    import textwrap  # noqa: PLC0415
+
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    from labkit import plots  # noqa: PLC0415
+
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    axes = list(grid.flat)
+    plots.bars(list(reports_ms), axes[0], title="find_reports: wrong hour picked")
+    plot_countdown(delays, countdown, window, axes[1])
+    axes[1].set_title(f"countdown={countdown:g}: actual delay vs skew", fontsize=11, loc="left")
+    plots.bars(list(expires_ms), axes[2], title="expires: tasks discarded")
+    plots.bars(list(beat_ms), axes[3], title="celery beat: fired after the minute (− = early)", show_points=False)
+    axes[3].axhline(0, color="black", lw=0.8)
+    for ax in (axes[0], axes[2], axes[3]):
+        labels = [textwrap.fill(t.get_text(), 22) for t in ax.get_xticklabels()]
+        ax.set_xticks(ax.get_xticks(), labels, rotation=0, ha="center", fontsize=8)
+    return fig
 
 
 # --------------------------------------------------------------------------- experiments: expires
@@ -559,10 +608,13 @@ def expires(cluster: LocalCluster, variant: str = "celery", worker: str = "fast3
     skipped = r.hlen(_key(run, "late"))
     if variant == "deadline":
         discarded = [1.0] * skipped + [0.0] * (n - skipped)
-    label = {"celery": f"before: expires={seconds:g} on {worker}", "deadline": f"fix: deadline vs Redis TIME on {worker}"}
-    return Measurement(label[variant], "discarded", "tasks", discarded, stat="sum",
-                       meta={"n": n, "ran": ran, "states": states, "worker": worker,
-                             "offset": cluster.workers[worker].spec.clock_offset})
+    offset = cluster.workers[worker].spec.clock_offset
+    if variant == "deadline":
+        label = f"fix: deadline vs Redis TIME on {worker}"
+    else:
+        label = f"{'before' if offset else 'true clock'}: expires={seconds:g} on {worker}"
+    return Measurement(label, "discarded", "tasks", discarded, stat="sum",
+                       meta={"n": n, "ran": ran, "states": states, "worker": worker, "offset": offset})
 
 
 # --------------------------------------------------------------------------- experiments: drift warning
