@@ -479,3 +479,80 @@ class LocalCluster:
             + "".join(rows) + "</tbody></table></div>"
         )
 
+
+
+class AttachedCluster:
+    """A cluster somebody else runs (a workshop's docker compose, ``labkit up``).
+
+    It offers the client side of :class:`LocalCluster` — ``app``, ``task()``,
+    ``ping()``, ``redis_client()``, ``zk()`` — but no fault injection: the
+    processes are not ours to kill. ``close()`` closes only our clients.
+    """
+
+    def __init__(self, redis_url: str, zk_hosts: str = "", settings: dict[str, Any] | None = None) -> None:
+        if not redis_url.startswith("redis://"):
+            raise ValueError(f"redis_url must look like redis://host:port/db, not {redis_url!r}")
+        self.redis_url, self.zk_hosts = redis_url, zk_hosts
+        self.app: Celery = make_app(redis_url, settings=settings)
+        self._kernel_zk = None
+        self.state = "attached"
+
+    def task(self, task_or_name: Any):
+        name = task_or_name if isinstance(task_or_name, str) else task_or_name.name
+        return self.app.tasks[name]
+
+    def ping(self, timeout: float = 1.0) -> dict[str, bool]:
+        """Every worker that answers: ``{"w1@host": True, ...}``."""
+        return {h: True for r in self.app.control.ping(timeout=timeout) for h in r}
+
+    def redis_client(self, **kwargs: Any):
+        import redis  # noqa: PLC0415
+
+        return redis.Redis.from_url(self.redis_url, **kwargs)
+
+    def zk(self):
+        if not self.zk_hosts:
+            raise RuntimeError("no ZooKeeper address: set LABKIT_ZK_HOSTS or pass zk_hosts=")
+        if self._kernel_zk is None:
+            from kazoo.client import KazooClient  # noqa: PLC0415
+
+            self._kernel_zk = KazooClient(hosts=self.zk_hosts, timeout=10)
+            self._kernel_zk.start(timeout=15)
+        return self._kernel_zk
+
+    def __getattr__(self, name: str):
+        if name in ("kill", "pause", "resume", "restart", "add_worker", "remove_worker", "children"):
+            raise RuntimeError(
+                f"{name}() needs a LocalCluster: this cluster is attached ({self.redis_url}) and its "
+                "processes are not this kernel's to control"
+            )
+        raise AttributeError(name)
+
+    def close(self) -> None:
+        if self._kernel_zk is not None:
+            with contextlib.suppress(Exception):
+                self._kernel_zk.stop()
+                self._kernel_zk.close()
+        with contextlib.suppress(Exception):
+            self.app.close()
+        self.state = "closed"
+
+    def __enter__(self) -> AttachedCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AttachedCluster redis {self.redis_url}, zookeeper {self.zk_hosts or '-'}>"
+
+
+def attach(redis_url: str | None = None, zk_hosts: str | None = None) -> AttachedCluster:
+    """Use a running cluster: arguments, else ``$LABKIT_REDIS_URL`` / ``$LABKIT_ZK_HOSTS``."""
+    url = redis_url or os.environ.get("LABKIT_REDIS_URL")
+    if not url:
+        raise RuntimeError(
+            "attach() needs a Redis URL: pass redis_url= or set LABKIT_REDIS_URL "
+            "(`labkit up --json` prints one; docker compose sets it in the lab container)"
+        )
+    return AttachedCluster(url, zk_hosts if zk_hosts is not None else os.environ.get("LABKIT_ZK_HOSTS", ""))

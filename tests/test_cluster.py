@@ -226,3 +226,16 @@ def test_cli_doctor_up_status_down():
     finally:
         up.kill()
         up.wait()
+
+
+def test_attach_to_a_running_cluster(cluster, monkeypatch):
+    from labkit import attach
+
+    monkeypatch.setenv("LABKIT_REDIS_URL", cluster.redis_url)
+    monkeypatch.setenv("LABKIT_ZK_HOSTS", cluster.zk_hosts)
+    with attach() as remote:
+        assert remote.task(add).delay(20, 22).get(timeout=20) == 42
+        assert {f"{n}@{cluster.id}" for n in cluster.workers} <= set(remote.ping(timeout=2))
+        assert remote.zk().exists("/") is not None
+        with pytest.raises(RuntimeError, match="needs a LocalCluster"):
+            remote.kill("w1")

@@ -44,3 +44,23 @@ def test_notebook_runs(path: Path, request: pytest.FixtureRequest):
     left = wait_no_leftovers(timeout=10)
     assert proc.returncode == 0, f"{path.name} failed under nbval:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     assert not left, f"{path.name} left processes running: " + ", ".join(f"{p.pid} {p.name()}" for p in left)
+
+
+def test_a_notebook_killed_by_nbval_timeout_leaves_nothing(tmp_path: Path):
+    """The trap from the pilots: nbval SIGKILLs the kernel's group, so atexit never runs."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("from labkit import LocalCluster\ncluster = LocalCluster(workers=2)"),
+        nbformat.v4.new_code_cell("import time\ntime.sleep(600)  # never finishes: nbval's timeout kills the kernel"),
+    ]
+    path = tmp_path / "hangs.ipynb"
+    nbformat.write(nb, path)
+    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-cell-timeout=15", "-p", "no:cacheprovider",
+           "-q", "--rootdir", str(tmp_path), str(path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, "the hanging cell should have failed"
+    left = wait_no_leftovers(timeout=10)
+    assert not left, "left running after the kernel was killed: " + ", ".join(f"{p.pid} {p.name()}" for p in left)
