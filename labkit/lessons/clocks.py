@@ -239,7 +239,7 @@ class StampingScheduler(Scheduler):
 
 
 def beat_skew(start: float, direction: int, *, want: float = 30.0, least: float = 12.0,
-              leads: tuple[float, float] = (7.0, 17.0)) -> tuple[float, float]:
+              leads: tuple[float, float] = (8.0, 18.0)) -> tuple[float, float]:
     """A skew, and a lead, that make a beat started at ``start`` meet a minute boundary soon.
 
     Returns ``(skew, lead)``: a beat whose clock is ``skew`` seconds off
@@ -311,6 +311,17 @@ class BeatRun:
             first.setdefault(t["beat"], t["error"])
         return {b: first.get(b, math.nan) for b in self.skews}
 
+    def sent_lines(self) -> dict[str, str]:
+        """Each beat's last "Sending due task" log line: its timestamp is beat's own clock."""
+        out = {}
+        for name in self.skews:
+            path = self.cluster.run_dir / "logs" / f"beat-{name.replace(' ', '-')}.log"
+            with contextlib.suppress(OSError):
+                lines = [x for x in path.read_text().splitlines() if "Sending due task" in x]
+                if lines:
+                    out[name] = lines[-1]
+        return out
+
     def stop(self) -> None:
         """SIGKILL each beat's process group and reap it (idempotent)."""
         from labkit.services.base import kill_group  # noqa: PLC0415
@@ -328,9 +339,9 @@ class BeatRun:
         self.stop()
 
 
-def start_beats(cluster: LocalCluster, *, want: float = 30.0, leads: tuple[float, float] = (7.0, 17.0),
+def start_beats(cluster: LocalCluster, *, want: float = 30.0, leads: tuple[float, float] = (8.0, 18.0),
                 queue_name: str = "true") -> BeatRun:
-    """Start a fast and a slow ``celery beat`` whose clocks reach a minute boundary 7-17 s from now.
+    """Start a fast and a slow ``celery beat`` whose clocks reach a minute boundary 8-18 s from now.
 
     The skews are as near ``want`` s as that allows (see :func:`beat_skew`).
 
