@@ -310,14 +310,14 @@ def session_timeout() -> float:
 def workers(session_timeout: float = 1.0) -> list[dict]:
     """w1, w2: the contenders (prefork -c2, default 10 s sessions). w3: the victim.
 
-    w3 serves :data:`FAULT_QUEUE` with one child and a short ZooKeeper session
+    w3 serves :data:`FAULT_QUEUE` with two children and a short ZooKeeper session
     (``LABKIT_ZK_SESSION_TIMEOUT``), so a crash or a pause costs only about
     ``session_timeout`` seconds before ZooKeeper gives its lock away.
     """
     return [
         {"name": "w1"},
         {"name": "w2"},
-        {"name": "w3", "queues": [FAULT_QUEUE], "concurrency": 1,
+        {"name": "w3", "queues": [FAULT_QUEUE], "concurrency": 2,
          "env": {"LABKIT_ZK_SESSION_TIMEOUT": str(session_timeout)}},
     ]
 
@@ -409,18 +409,18 @@ def compare(before_m: Measurement, after_m: Measurement) -> Comparison:
     return Comparison(before_m, after_m, better="lower", title="peak concurrent holders of one mutex")
 
 
-def _victim(cluster, task, run: str, job: str, hold: float = 60.0) -> dict:
-    """Start a long export on w3 and return its ``entered`` record once it is in the critical section."""
+def _victim(cluster, task, run: str, job: str, queue: str | None = None, hold: float = 60.0) -> dict:
+    """Start a long export and return its ``entered`` record (pid, worker) once it holds the lock."""
     r = cluster.redis_client()
-    res = cluster.task(task).apply_async((run, job, hold), queue=FAULT_QUEUE)
+    cluster.task(task).apply_async((run, job, hold), queue=queue)
     entered = _wait(lambda: _list(r, f"{_ns(run)}:entered"), 30, "the victim to enter its critical section")
-    return {"result": res, **entered[0]}
+    return entered[0]
 
 
-def _kill_pid(cluster, pid: int) -> float:
-    """SIGKILL the w3 pool child ``pid`` through the cluster; return the kill time."""
-    index = cluster.children("w3").index(pid)
-    cluster.kill("w3", child=index)
+def _kill(cluster, victim: dict) -> float:
+    """SIGKILL the pool process that runs ``victim`` (via the cluster); return the kill time."""
+    index = cluster.children(victim["worker"]).index(victim["pid"])
+    cluster.kill(victim["worker"], child=index)
     return time.time()
 
 
@@ -451,11 +451,11 @@ def crash_talk(cluster, wait: float = 3.0) -> dict:
         run, job = new_run(), f"nightly-{placement}"
         node = cluster.task(task)._get_node((run, job, 0.05), {})
         if placement == "submit":
-            cluster.task(submit).apply_async((task.name, [run, job, 60.0], FAULT_QUEUE)).get(timeout=30)
+            cluster.task(submit).apply_async((task.name, [run, job, 60.0])).get(timeout=30)
+            victim = _wait(lambda run=run: _list(r, f"{_ns(run)}:entered"), 30, "the holder to start")[0]
         else:
-            cluster.task(task).apply_async((run, job, 60.0), queue=FAULT_QUEUE)
-        victim = _wait(lambda run=run: _list(r, f"{_ns(run)}:entered"), 30, "the holder to start")[0]
-        t_kill = _kill_pid(cluster, victim["pid"])
+            victim = _victim(cluster, task, run, job)
+        t_kill = _kill(cluster, victim)
         attempts = []
 
         def record(when: str, outcome: str, node_before, t_kill=t_kill, attempts=attempts) -> None:
@@ -484,8 +484,8 @@ def crash_fixed(cluster) -> dict:
     r = cluster.redis_client()
     run, job = new_run(), "nightly"
     timeout = cluster.task(session_timeout).apply_async(queue=FAULT_QUEUE).get(timeout=30)
-    victim = _victim(cluster, keyed_export, run, job)
-    t_kill = _kill_pid(cluster, victim["pid"])
+    victim = _victim(cluster, keyed_export, run, job, queue=FAULT_QUEUE)
+    t_kill = _kill(cluster, victim)
     res = cluster.task(keyed_export).apply_async((run, job, 0.05))  # retries until the lock is free
     res.get(timeout=60)
     follower = [iv for iv in _list(r, f"{_ns(run)}:intervals")][0]
@@ -495,7 +495,7 @@ def crash_fixed(cluster) -> dict:
             "next_worker": follower["worker"]}
 
 
-def fencing(cluster, fenced: bool, hold: float = 1.5) -> dict:
+def fencing(cluster, fenced: bool, hold: float = 1.0) -> dict:
     """A holder on w3 is paused past its session timeout; a second holder writes; the first resumes.
 
     Returns the event timeline (seconds from the first acquire) and the
@@ -523,8 +523,8 @@ def fencing(cluster, fenced: bool, hold: float = 1.5) -> dict:
           60, "ZooKeeper to expire A's session")
     kernel.append({"t": time.time(), "who": "A", "what": "session expired"})
     b = res_b.get(timeout=60)
+    kernel.append({"t": time.time(), "who": "A", "what": "resumed"})  # stamped just before SIGCONT
     cluster.resume("w3", child=index)
-    kernel.append({"t": time.time(), "who": "A", "what": "resumed"})
     a = res_a.get(timeout=60)
     events = sorted(_list(r, events_key) + kernel, key=lambda e: e["t"])
     t0 = events[0]["t"]
@@ -637,7 +637,7 @@ def plot_fencing(results: list[dict], axes=None):
         end = max(e["t"] for e in res["events"]) + 0.2
         lanes = {"A": 1, "B": 0}
         ax.broken_barh([(ev[("A", "acquired")], ev[("A", "session expired")] - ev[("A", "acquired")])],
-                       (0.8, 0.4), color="#8d96a3", label="lock held (per ZooKeeper)")
+                       (0.8, 0.4), color="#8d96a3", label="lock node exists (ZooKeeper)")
         ax.broken_barh([(ev[("A", "paused")], ev[("A", "resumed")] - ev[("A", "paused")])],
                        (0.8, 0.4), facecolor="none", edgecolor="black", hatch="//", label="A paused (SIGSTOP)")
         ax.broken_barh([(ev[("B", "acquired")], ev[("B", "write")] - ev[("B", "acquired")] + 0.05)],
@@ -647,10 +647,10 @@ def plot_fencing(results: list[dict], axes=None):
                 ok = e["accepted"]
                 ax.plot(e["t"], lanes[e["who"]], "o" if ok else "X", ms=11,
                         color=AFTER if ok else BEFORE)
-                ax.annotate(f"write t={e['token']}: {'accepted' if ok else 'REJECTED'}",
+                ax.annotate(f"write with token {e['token']}: {'accepted' if ok else 'REJECTED'}",
                             (e["t"], lanes[e["who"]]), xytext=(6, 9), textcoords="offset points", fontsize=8)
             elif e["what"] == "acquired":
-                ax.annotate(f"token {e['token']}", (e["t"], lanes[e["who"]]), xytext=(0, -16),
+                ax.annotate(f"acquired, token {e['token']}", (e["t"], lanes[e["who"]]), xytext=(0, -16),
                             textcoords="offset points", fontsize=8)
         ax.set_yticks([0, 1], ["B (w1/w2)", "A (w3)"])
         ax.set_ylim(-0.6, 1.6)
