@@ -322,12 +322,13 @@ class FreshRun:
     """One call of a function in a fresh interpreter: its result, time and memory (bytes)."""
 
     result: Any
-    seconds: float  # the call alone, timed inside the child
+    seconds: float  # the call alone, wall clock, timed inside the child
     baseline: int  # RSS just before the call, after every import
     peak: int  # the process's peak RSS during the call
     peak_source: str  # "VmHWM" (reset before the call) or "ru_maxrss"
     pid: int
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (s since the call started, RSS)
+    cpu_seconds: float = math.nan  # the call's CPU time (user + system): what a busy machine does not inflate
 
     @property
     def net(self) -> int:
@@ -388,9 +389,10 @@ def _fresh_child() -> None:  # pragma: no cover - runs as `python -c` in the chi
         except OSError:
             pass
         os.write(out, b"S")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        os.write(out, b"E")
         peak = 0
         if source == "VmHWM":
             with open("/proc/self/status") as fh:
@@ -400,8 +402,8 @@ def _fresh_child() -> None:  # pragma: no cover - runs as `python -c` in the chi
         else:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak = maxrss if sys.platform == "darwin" else maxrss * 1024
-        send({"result": result, "seconds": seconds, "baseline": baseline, "peak": max(peak, baseline),
-              "source": source, "pid": os.getpid()})
+        send({"result": result, "seconds": seconds, "cpu": cpu, "baseline": baseline,
+              "peak": max(peak, baseline), "source": source, "pid": os.getpid()})
     except BaseException:
         send({"error": traceback.format_exc()})
 
@@ -456,16 +458,16 @@ def run_fresh(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str
             os.close(write_fd)
         done = threading.Event()
 
-        def _read() -> None:
+        def _read() -> None:  # b"S" when the call starts, b"E" when it returns, then the pickled reply
             with os.fdopen(read_fd, "rb", buffering=0) as fh:
-                first = fh.read(1)
-                if first == b"S":
-                    marks["start"] = time.perf_counter()
-                elif first:
-                    chunks.append(first)
+                for mark in ("start", "end"):
+                    byte = fh.read(1)
+                    if byte != mark[0].upper().encode():
+                        chunks.append(byte)
+                        break
+                    marks[mark] = time.perf_counter()
                 while block := fh.read(1 << 16):
                     chunks.append(block)
-            marks["end"] = time.perf_counter()
             done.set()
 
         def _sample() -> None:
@@ -506,7 +508,7 @@ def run_fresh(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str
     timeline = [(0.0, reply["baseline"])]
     timeline += [(t - start, v) for t, v in samples if start <= t <= end]
     return FreshRun(reply["result"], reply["seconds"], reply["baseline"], reply["peak"], reply["source"],
-                    reply["pid"], timeline)
+                    reply["pid"], timeline, reply["cpu"])
 
 
 def peak_rss(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
@@ -517,7 +519,7 @@ def peak_rss(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str,
     ``net=True`` (the default) reports the peak minus the baseline RSS the
     fresh process had just before the call — what the call itself needed —
     and ``net=False`` the whole process's peak; ``meta`` holds both either
-    way, plus the baselines, the call's seconds and the last result. With
+    way, plus the baselines, the call's wall and CPU seconds and the last result. With
     ``interval`` the last run's sampled timeline is attached.
     """
     runs = [run_fresh(fn, args, kwargs, imports=imports, interval=interval, timeout=timeout)
@@ -526,6 +528,7 @@ def peak_rss(fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str,
         "net": net, "peak_source": runs[-1].peak_source, "result": runs[-1].result,
         "baseline_mib": [r.baseline / MIB for r in runs], "peak_mib": [r.peak / MIB for r in runs],
         "net_mib": [r.net / MIB for r in runs], "seconds": [r.seconds for r in runs],
+        "cpu_seconds": [r.cpu_seconds for r in runs],
         "pids": [r.pid for r in runs],
     }
     return Measurement(

@@ -134,6 +134,10 @@ LABELS = {  # "before…"/"talk…" draw in the pitfall colour, "after…" in th
     "clear": "after: iterparse + root.clear()",
     "lxml": "after: lxml + delete siblings",
 }
+SHORT = {"parse": "before: parse", "iterparse": "before: iterparse", "talk": "talk: elem.clear()",
+         "clear": "after: root.clear()", "lxml": "after: lxml"}
+STYLE = {"parse": "-", "iterparse": "--", "talk": ":", "clear": "-", "lxml": "--"}  # same colour, other dash
+MARKER = {"parse": "o", "iterparse": "s", "talk": "^", "clear": "o", "lxml": "D"}
 STREAMING = ("clear", "lxml")
 
 
@@ -150,14 +154,16 @@ def measure_loader(variant: str, size_mb: float = DEFAULT_MB, *, timeline: bool 
     """Run one loader on the ``size_mb`` file in a fresh interpreter.
 
     The value is the peak RSS above the process's baseline (MiB); ``meta``
-    adds the whole-process peak, the baseline, seconds, records and records/s.
+    adds the whole-process peak, the baseline, wall and CPU seconds, records,
+    and records per CPU-second (``records_per_s``: CPU time, unlike wall
+    time, does not grow when other processes compete for the cores).
     """
     path = xml_file(size_mb)
     m = peak_rss(LOADERS[variant], (str(path),), label=LABELS[variant], imports=XML_IMPORTS,
                  interval=interval if timeline else None)
     m.meta.update(variant=variant, size_mb=size_mb, file_bytes=path.stat().st_size,
                   records=m.meta["result"]["records"],
-                  records_per_s=m.meta["result"]["records"] / m.meta["seconds"][-1])
+                  records_per_s=m.meta["result"]["records"] / m.meta["cpu_seconds"][-1])
     return m
 
 
@@ -178,8 +184,8 @@ def sweep(sizes_mb: Sequence[float] = SIZES_MB, variants: Sequence[str] = ("pars
 
 
 def throughput(measurements: Sequence[Measurement]) -> list[Measurement]:
-    """Records per second of each loader run (from the fresh process's own timing)."""
-    return [Measurement(m.label, "throughput", "records/s", [m.meta["records_per_s"]], meta=m.meta)
+    """Records per CPU-second of each loader run (timed inside the fresh process)."""
+    return [Measurement(m.label, "throughput", "records per CPU-second", [m.meta["records_per_s"]], meta=m.meta)
             for m in measurements]
 
 
@@ -205,6 +211,10 @@ def plot_timelines(measurements: Sequence[Measurement], ax=None):
 
     ax = plots.timelines(measurements, ax, step=False,
                          title=f"memory while loading the same {measurements[0].meta['size_mb']:g} MB file")
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in {m.label for m in measurements}]
+    for line, m in zip(lines, [m for m in measurements if m.timeline], strict=False):
+        line.set_linestyle(STYLE.get(m.meta.get("variant"), "-"))
+    ax.legend(frameon=False, fontsize=9, loc="upper left")
     ax.set_ylabel("RSS above baseline [MiB]")
     return ax
 
@@ -218,7 +228,7 @@ def plot_sweep(results: dict[str, list[Measurement]], axes: Sequence[Any] | None
     for ax, log in zip(axes, (False, True), strict=False):
         for i, (variant, series) in enumerate(results.items()):
             xs = [m.meta["size_mb"] for m in series]
-            ax.plot(xs, [m.value for m in series], "o-", label=LABELS[variant],
+            ax.plot(xs, [m.value for m in series], marker=MARKER[variant], ls=STYLE[variant], label=LABELS[variant],
                     color=plots.colour_for(LABELS[variant], i), lw=1.8)
         ax.set_xlim(left=0)
         if log:
@@ -232,7 +242,7 @@ def plot_sweep(results: dict[str, list[Measurement]], axes: Sequence[Any] | None
 
 
 def table(measurements: Sequence[Measurement]) -> Any:
-    """An HTML table of fresh-process runs: net peak, whole-process peak, baseline, time, records/s."""
+    """An HTML table of fresh-process runs: net peak, whole-process peak, baseline, times, records/CPU-s."""
     from IPython.display import HTML  # noqa: PLC0415
 
     rows = []
@@ -243,11 +253,12 @@ def table(measurements: Sequence[Measurement]) -> Any:
             f"<tr><td style='text-align:left'>{m.label}</td><td>{meta.get('size_mb', '')}</td>"
             f"<td><b>{meta['net_mib'][-1]:.1f}</b></td><td>{meta['peak_mib'][-1]:.1f}</td>"
             f"<td>{meta['baseline_mib'][-1]:.1f}</td><td>{meta['seconds'][-1]:.2f}</td>"
-            f"<td>{'' if rate is None else f'{rate:,.0f}'}</td></tr>"
+            f"<td>{meta['cpu_seconds'][-1]:.2f}</td><td>{'' if rate is None else f'{rate:,.0f}'}</td></tr>"
         )
     return HTML(
         "<table><thead><tr><th>run</th><th>MB</th><th>peak above baseline [MiB]</th>"
-        "<th>whole-process peak [MiB]</th><th>baseline [MiB]</th><th>seconds</th><th>records/s</th>"
+        "<th>whole-process peak [MiB]</th><th>baseline [MiB]</th><th>wall s</th><th>CPU s</th>"
+        "<th>records per CPU-s</th>"
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
@@ -451,7 +462,7 @@ def in_cluster(cluster: Any, size_mb: float = 10, variants: Sequence[str] = ("pa
     out = []
     for v, res in zip(variants, pending, strict=True):
         r = res.get(timeout=timeout)
-        out.append(Measurement(f"{LABELS[v]} (worker)", "pool child peak RSS", "MiB", [r["maxrss_mib"]],
+        out.append(Measurement(SHORT[v], "pool child peak RSS", "MiB", [r["maxrss_mib"]],
                                meta={**r, "size_mb": size_mb, "net_mib": r["maxrss_mib"] - r["start_rss_mib"]}))
     return out
 
