@@ -153,8 +153,8 @@ def ensure_limited_worker(cluster: Any, concurrency: int) -> None:
                        prefetch_multiplier=1)
 
 
-def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 0.5,
-        wait: float = 1.25, retry_delay: float = 0.25, jitter: bool = False,
+def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 0.4,
+        wait: float = 1.0, retry_delay: float = 0.25, jitter: bool = False,
         label: str | None = None, deadline: float = 60.0) -> Measurement:
     """Send ``n`` tasks that each make one ``hold``-second call, limited by ``mode``.
 
@@ -193,7 +193,8 @@ def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 
         timeline = probe.timeline(t0)
         peak = probe.peak
     failures = [json.loads(x) for x in r.lrange(f"{run_id}:failures", 0, -1)]
-    attempts = int(r.get(f"{run_id}:attempts") or (n if mode in ("unprotected", "queue", "blocking") else 0))
+    counted = r.get(f"{run_id}:attempts")  # only the retrying forms count; the others try once
+    attempts = int(counted) if counted is not None else n
     r.delete(f"{run_id}:attempts", f"{run_id}:failed", f"{run_id}:failures")
     r.close()
     first_try_failed = {f["tag"] for f in failures if f["attempt"] == 0}
@@ -212,7 +213,7 @@ def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 
 
 
 def first_try(cluster: Any, form: str = "nonblocking", *, n: int = 12, leases: int = 3,
-              wait: float = 1.0, trials: int = 5, label: str | None = None) -> Measurement:
+              wait: float = 0.5, trials: int = 5, label: str | None = None) -> Measurement:
     """``n`` callers try for one of ``leases`` free leases at the same instant; how many get one?
 
     Nobody releases a lease until every caller has tried, so while fewer than

@@ -55,7 +55,7 @@ def test_semaphore_caps_the_client_at_the_limit(cluster):
 
 def test_nonblocking_acquire_leaves_free_leases_unused(cluster):
     nonblocking = semaphore.first_try(cluster, "nonblocking", n=N, leases=LEASES)
-    timeout = semaphore.first_try(cluster, "timeout", n=N, leases=LEASES, wait=1.0, trials=2)
+    timeout = semaphore.first_try(cluster, "timeout", n=N, leases=LEASES, wait=0.5, trials=2)
     assert nonblocking.value < LEASES, nonblocking.values
     assert timeout.value == LEASES, timeout.values
 
