@@ -410,7 +410,7 @@ def _ensure_nexthour(cluster: LocalCluster) -> str:
     return "nexthour"
 
 
-def _seed_reports(cluster: LocalCluster, run: str, now: float) -> None:
+def _seed_reports(cluster: LocalCluster, run: str) -> None:
     """Two reports for every hour of the day (the talk's reports table)."""
     r = cluster.redis_client()
     with r.pipeline() as p:
@@ -437,7 +437,7 @@ def reports(cluster: LocalCluster, variant: str = "talk", n: int = 10,
         _ensure_nexthour(cluster)
     run = uuid.uuid4().hex[:8]
     r = cluster.redis_client()
-    _seed_reports(cluster, run, redis_now(r))
+    _seed_reports(cluster, run)
     sent: list[tuple[str, str, Any]] = []
     for w in workers:
         q = cluster.workers[w].spec.queues[0]
@@ -517,14 +517,6 @@ def start_countdown(cluster: LocalCluster, *, countdown: float = 10.0, per_worke
             sent[key] = (skew, redis_now(r))
             task.apply_async((run, key), countdown=countdown, queue=q)
     return CountdownRun(cluster, run, countdown, list(skews), sent, started)
-
-
-def countdown_measurements(delays: dict[float, list[float]], window: float) -> list[Measurement]:
-    """One Measurement per skew (median delay; ``inf`` = did not run within the window)."""
-    return [
-        Measurement(f"skew {s:+g} s", "actual delay", "s", d, meta={"skew": s, "window": window})
-        for s, d in delays.items()
-    ]
 
 
 def plot_countdown(delays: dict[float, list[float]], countdown: float, window: float, ax=None):
@@ -737,7 +729,7 @@ def try_skew(cluster: LocalCluster, skew: float = 10.0, countdown: float = 12.0,
     q = cluster.workers[name].spec.queues[0]
     run = uuid.uuid4().hex[:8]
     r = cluster.redis_client()
-    _seed_reports(cluster, run, redis_now(r))
+    _seed_reports(cluster, run)
     sent = redis_now(r)
     cd = cluster.task(stamp).apply_async((run, "countdown"), countdown=countdown, queue=q)
     ex = cluster.task(stamp).apply_async((run, "expires"), expires=expires_s, queue=q)
