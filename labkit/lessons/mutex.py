@@ -643,14 +643,16 @@ def plot_fencing(results: list[dict], axes=None):
         ax.broken_barh([(ev[("B", "acquired")], ev[("B", "write")] - ev[("B", "acquired")] + 0.05)],
                        (-0.2, 0.4), color="#8d96a3")
         for e in res["events"]:
+            y = lanes[e["who"]]
             if e["what"] == "write":
-                ok = e["accepted"]
-                ax.plot(e["t"], lanes[e["who"]], "o" if ok else "X", ms=11,
-                        color=AFTER if ok else BEFORE)
-                ax.annotate(f"write with token {e['token']}: {'accepted' if ok else 'REJECTED'}",
-                            (e["t"], lanes[e["who"]]), xytext=(6, 9), textcoords="offset points", fontsize=8)
+                ok, stale = e["accepted"], e["who"] == "A"
+                colour = (BEFORE if ok else AFTER) if stale else AFTER  # a stale write that counts is the bug
+                text = f"{'stale ' if stale else ''}write, token {e['token']}: {('ACCEPTED' if stale else 'accepted') if ok else 'rejected'}"
+                ax.plot(e["t"], y, "o" if ok else "X", ms=11, color=colour)
+                ax.annotate(text, (e["t"], y), xytext=(6, 9), textcoords="offset points", fontsize=8,
+                            color=colour if stale else "black")
             elif e["what"] == "acquired":
-                ax.annotate(f"acquired, token {e['token']}", (e["t"], lanes[e["who"]]), xytext=(0, -16),
+                ax.annotate(f"acquired, token {e['token']}", (e["t"], y), xytext=(0, -24),
                             textcoords="offset points", fontsize=8)
         ax.set_yticks([0, 1], ["B (w1/w2)", "A (w3)"])
         ax.set_ylim(-0.6, 1.6)
