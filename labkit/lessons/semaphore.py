@@ -213,7 +213,7 @@ def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 
 
 
 def first_try(cluster: Any, form: str = "nonblocking", *, n: int = 12, leases: int = 3,
-              wait: float = 0.5, trials: int = 5, label: str | None = None) -> Measurement:
+              wait: float = 0.5, trials: int = 7, label: str | None = None) -> Measurement:
     """``n`` callers try for one of ``leases`` free leases at the same instant; how many get one?
 
     Nobody releases a lease until every caller has tried, so while fewer than
