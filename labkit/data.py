@@ -228,9 +228,9 @@ def vehicle_sales(size: str | int | float = "40MB", seed: int = 0, *, dealer_eve
     """A synthetic VehicleSales XML file of exactly ``size`` (``"40MB"`` or bytes); its path.
 
     Reuses the cached file for the same ``(size, seed, dealer_every)`` when
-    ``cache`` is true. ``out`` copies (hard-links when it can) the result
-    there; with ``cache=False`` it is written straight to ``out``.
-    ``progress=None`` shows a progress bar from 64 MB on.
+    ``cache`` is true; ``out`` then gets a copy. With ``cache=False`` the file
+    is written straight to ``out``. ``progress=None`` shows a progress bar
+    from 64 MB on.
     """
     nbytes = parse_size(size)
     show = nbytes >= PROGRESS_FROM if progress is None else progress
@@ -246,11 +246,7 @@ def vehicle_sales(size: str | int | float = "40MB", seed: int = 0, *, dealer_eve
     target = Path(out)
     if target.resolve() != path.resolve():
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:  # another file system, or links not allowed
-            shutil.copyfile(path, target)
+        shutil.copyfile(path, target)  # a copy, not a hard link: editing it must not change the cache
     return target
 
 
