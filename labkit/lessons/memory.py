@@ -236,8 +236,11 @@ def plot_sweep(results: dict[str, list[Measurement]], axes: Sequence[Any] | None
         else:
             ax.set_ylim(bottom=0)
             ax.legend(frameon=False, fontsize=8)
-        plots._style(ax, "peak vs file size" + (" (log scale)" if log else ""),
-                     "peak RSS above baseline [MiB]", "file size [MB]")
+        ax.set_title("peak vs file size" + (" (log scale)" if log else ""), fontsize=11, loc="left")
+        ax.set_ylabel("peak RSS above baseline [MiB]")
+        ax.set_xlabel("file size [MB]")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(axis="y", alpha=0.3)
     return axes
 
 
