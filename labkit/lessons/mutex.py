@@ -558,6 +558,7 @@ def keyed(cluster, keys: tuple[str, ...] = ("a", "b"), per_key: int = 3, seconds
             "span_s": mine[-1]["end"] - mine[0]["start"],
             "tokens": [iv["token"] for iv in mine],
         }
+    out["span_all_s"] = max(iv["end"] for iv in intervals) - min(iv["start"] for iv in intervals)
     tallies = {k.decode(): int(v) for k, v in r.hgetall(f"{_ns(run)}:tally").items()}
     out["retries"] = tallies.get("retries", 0)
     return out
