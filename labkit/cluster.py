@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .app import lesson_modules, make_app
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
@@ -383,7 +385,29 @@ class LocalCluster:
         """Stop (if needed) and start a service again on the same port; waits until ready."""
         service = self.service(name)
         service.restart(self.start_timeout)
+        if service is self.redis:
+            self._after_broker_restart()
         return service
+
+    def _after_broker_restart(self) -> None:
+        """Drop pooled connections to the old Redis and wait until live workers reconnect.
+
+        Workers retry the broker every ~2 s, and the kernel's pooled sockets are
+        dead: without this, the next ping or publish fails once at random.
+        """
+        self.app.close()  # Celery rebuilds its connection pools on next use
+        live = [w for w in self.workers.values() if w.alive() and w.state == "running"]
+        deadline = time.monotonic() + self.start_timeout
+        pending = {w.hostname for w in live}
+        while pending and time.monotonic() < deadline:
+            try:
+                replies = self.app.control.ping(destination=list(pending), timeout=0.5)
+            except (OSError, ConnectionError, RedisConnectionError, OperationalError):
+                continue  # a pooled socket to the old server: kombu drops it on the error
+            pending -= {h for r in replies for h in r}
+        if pending:
+            raise ServiceError("redis", f"restarted, but workers {sorted(pending)} did not reconnect "
+                               f"within {self.start_timeout:.0f} s", log=self.redis.log_path)
 
     def children(self, name: str) -> list[int]:
         """PIDs of a worker's pool processes."""

@@ -98,6 +98,9 @@ def test_redis_restart_keeps_its_port(cluster):
         cluster.redis_client(socket_connect_timeout=0.5).ping()
     cluster.restart("redis")
     assert cluster.redis.port == port and cluster.redis_client().ping()
+    # restart() returns once the workers have reconnected: the cluster is usable at once
+    assert cluster.ping(timeout=2) == {"w1": True, "w2": True}
+    assert cluster.task(add).delay(4, 5).get(timeout=20) == 9
 
 
 def test_a_caller_sees_a_killed_worker_as_a_lost_task():
