@@ -15,6 +15,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -139,6 +140,12 @@ def cmd_down(args: argparse.Namespace) -> int:
             p.kill()
     if leftovers:
         print(f"killed {len(leftovers)} leftover process(es)")
+    # run directories whose owner is gone (kept after a failed start, for its logs)
+    stale = [c for c in targets if not c["owner_alive"]]
+    for c in stale:
+        shutil.rmtree(c["run_dir"], ignore_errors=True)
+    if stale:
+        print(f"removed {len(stale)} stale run director{'y' if len(stale) == 1 else 'ies'}")
     if not targets and not leftovers:
         print("no labkit cluster is running")
     return 0

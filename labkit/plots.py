@@ -30,7 +30,8 @@ def colour_for(label: str, i: int = 0) -> str:
     return NEUTRAL[i % len(NEUTRAL)]
 
 
-def _style(ax: Axes, title: str = "", ylabel: str = "", xlabel: str = "") -> Axes:
+def style(ax: Axes, title: str = "", ylabel: str = "", xlabel: str = "") -> Axes:
+    """Title left, light y grid, no top/right spines: the kit's look."""
     ax.set_title(title, fontsize=11, loc="left")
     ax.set_ylabel(ylabel)
     ax.set_xlabel(xlabel)
@@ -47,7 +48,8 @@ def panels(n: int = 2, width: float = 5.0, height: float = 3.4):
     return fig, list(axes[0])
 
 
-def _ax(ax):
+def axis(ax=None):
+    """``ax``, or a fresh single-panel figure's axes when None."""
     if ax is None:
         _, (ax,) = panels(1)
     return ax
@@ -56,7 +58,7 @@ def _ax(ax):
 def bars(measurements: Sequence[Measurement], ax=None, *, title: str = "", log: bool = False,
          show_points: bool = True) -> Axes:
     """One bar per measurement (its ``value``), with the individual samples dotted on top."""
-    ax = _ax(ax)
+    ax = axis(ax)
     labels = [m.label for m in measurements]
     values = [m.value for m in measurements]
     colours = [colour_for(m.label, i) for i, m in enumerate(measurements)]
@@ -73,20 +75,20 @@ def bars(measurements: Sequence[Measurement], ax=None, *, title: str = "", log: 
     if log:
         ax.set_yscale("log")
     m0 = measurements[0]
-    return _style(ax, title or m0.metric, f"{m0.metric} [{m0.unit}] ({m0.stat})")
+    return style(ax, title or m0.metric, f"{m0.metric} [{m0.unit}] ({m0.stat})")
 
 
 def comparison_bars(comparison: Comparison, ax=None, *, log: bool = False) -> Axes:
     """Before vs after as two bars, titled with the improvement factor."""
     ax = bars([comparison.before, comparison.after], ax, log=log)
     title = comparison.title or comparison.metric
-    return _style(ax, f"{title}: {fmt(comparison.factor)}× better", ax.get_ylabel())
+    return style(ax, f"{title}: {fmt(comparison.factor)}× better", ax.get_ylabel())
 
 
 def timelines(measurements: Sequence[Measurement], ax=None, *, title: str = "", step: bool = True,
               xlabel: str = "time [s]", limit: float | None = None) -> Axes:
     """Each measurement's ``timeline`` as a line (a step line for counts)."""
-    ax = _ax(ax)
+    ax = axis(ax)
     for i, m in enumerate(measurements):
         if not m.timeline:
             continue
@@ -98,27 +100,27 @@ def timelines(measurements: Sequence[Measurement], ax=None, *, title: str = "", 
         ax.axhline(limit, ls="--", color="grey", lw=1, label=f"limit {fmt(limit)}")
     ax.legend(frameon=False, fontsize=9)
     m0 = measurements[0]
-    return _style(ax, title or f"{m0.metric} over time", f"{m0.metric} [{m0.unit}]", xlabel)
+    return style(ax, title or f"{m0.metric} over time", f"{m0.metric} [{m0.unit}]", xlabel)
 
 
 def histogram(measurements: Sequence[Measurement], ax=None, *, bins=30, title: str = "",
               xlabel: str | None = None) -> Axes:
     """Overlaid histograms of each measurement's samples."""
-    ax = _ax(ax)
+    ax = axis(ax)
     for i, m in enumerate(measurements):
         ax.hist(m.values, bins=bins, alpha=0.55, label=m.label, color=colour_for(m.label, i))
     ax.legend(frameon=False, fontsize=9)
     m0 = measurements[0]
-    return _style(ax, title or m0.metric, "count", xlabel or f"{m0.metric} [{m0.unit}]")
+    return style(ax, title or m0.metric, "count", xlabel or f"{m0.metric} [{m0.unit}]")
 
 
 def per_trial(measurements: Sequence[Measurement], ax=None, *, title: str = "", limit: float | None = None) -> Axes:
     """Samples in order (trial 1, 2, ...) as markers: e.g. peak holders per trial."""
-    ax = _ax(ax)
+    ax = axis(ax)
     for i, m in enumerate(measurements):
         ax.plot(range(1, m.n + 1), m.values, "o-", label=m.label, color=colour_for(m.label, i), ms=5, lw=1)
     if limit is not None:
         ax.axhline(limit, ls="--", color="grey", lw=1, label=f"limit {fmt(limit)}")
     ax.legend(frameon=False, fontsize=9)
     m0 = measurements[0]
-    return _style(ax, title or m0.metric, f"{m0.metric} [{m0.unit}]", "trial")
+    return style(ax, title or m0.metric, f"{m0.metric} [{m0.unit}]", "trial")

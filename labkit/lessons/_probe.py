@@ -10,8 +10,8 @@ left, how many were in flight at once, and what it answered.
 Workers are other processes on the same machine, so they reach it over
 loopback and the service's ``time.time()`` is on the same clock as theirs.
 
-Leading underscore: workers do not import it as a task module. It is a
-generic helper; it may move to ``labkit/`` once other lessons need it.
+Leading underscore: workers do not import it as a task module. The serving
+machinery is :class:`labkit.loopback.LoopbackServer`, shared by every lesson.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
+from labkit.loopback import LoopbackServer, QuietHandler
 from labkit.measure import concurrency_timeline
 
 
@@ -36,13 +36,7 @@ class Call:
     status: int
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256  # the default (5) drops SYNs when 60 callers connect at once
-
-
-class ProbeServer:
+class ProbeServer(LoopbackServer):
     """A local HTTP service that counts in-flight requests and keeps a log of calls.
 
     ``GET /call?tag=t&attempt=0&hold=0.5`` is answered after ``hold`` seconds
@@ -50,61 +44,27 @@ class ProbeServer:
     purpose). ``peak`` is the largest number of requests in flight at once.
     """
 
+    thread_name = "labkit-probe"
+
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[Call] = []
         self.in_flight = 0
         self.peak = 0
         self._lock = threading.Lock()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- life cycle ------------------------------------------------------------------
-    def start(self) -> ProbeServer:
-        probe = self
-
-        class Handler(BaseHTTPRequestHandler):
+    def handler(self) -> type[QuietHandler]:
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 params = dict(parse_qsl(urlsplit(self.path).query))
-                status = probe._serve(params)
+                status = self.server.owner._serve(params)
                 body = b"ok\n" if status == 200 else b"unavailable\n"
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:  # keep the notebook quiet
-                pass
-
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name="labkit-probe", daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> ProbeServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._httpd is None:
-            raise RuntimeError("the probe server is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return Handler
 
     # -- serving ---------------------------------------------------------------------
     def _serve(self, params: dict[str, str]) -> int:

@@ -523,7 +523,7 @@ def plot_countdown(delays: dict[float, list[float]], countdown: float, window: f
     """Actual delay against the worker's skew; tasks that did not run in the window sit on the window line."""
     from labkit import plots  # noqa: PLC0415
 
-    ax = plots._ax(ax)
+    ax = plots.axis(ax)
     skews = sorted(delays)
     lo, hi = min(skews) - 5, max(skews) + 5
     model_x = [lo + (hi - lo) * i / 200 for i in range(201)]
@@ -541,7 +541,7 @@ def plot_countdown(delays: dict[float, list[float]], countdown: float, window: f
                 label=f"did not run within {window:g} s")
     ax.legend(frameon=False, fontsize=8, loc="upper right")
     ax.set_xticks(skews)
-    return plots._style(ax, f"countdown={countdown:g}: actual delay vs worker clock skew",
+    return plots.style(ax, f"countdown={countdown:g}: actual delay vs worker clock skew",
                         "actual delay [s]", "worker clock skew [s] (+ = ahead)")
 
 

@@ -25,10 +25,8 @@ worker that ran each task is read from its result.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import statistics
-import threading
 import time
 import urllib.request
 import uuid
@@ -38,6 +36,7 @@ from typing import Any
 from celery import chain, shared_task
 
 from labkit.app import local_dir, redis_client, worker_name
+from labkit.loopback import LoopbackServer, QuietHandler
 from labkit.measure import Measurement
 
 MODES = ("local", "shared", "value")
@@ -251,11 +250,9 @@ def latency(cluster, size_mb: float = 5.0, repeats: int = 5, timeout: float = 60
 # --------------------------------------------------------------------------- the ladder
 
 
-class _ThrottledHandler(http.server.BaseHTTPRequestHandler):
-    server: _NASServer
-
+class _ThrottledHandler(QuietHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        nas = self.server.nas
+        nas = self.server.owner
         path = nas.root / self.path.lstrip("/")
         if not path.is_file() or nas.root not in path.resolve().parents:
             self.send_error(404)
@@ -273,16 +270,8 @@ class _ThrottledHandler(http.server.BaseHTTPRequestHandler):
             if ahead > 0:
                 time.sleep(ahead)
 
-    def log_message(self, *args: Any) -> None:
-        pass
 
-
-class _NASServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    nas: EmulatedNAS
-
-
-class EmulatedNAS:
+class EmulatedNAS(LoopbackServer):
     """An *emulated* network share: an HTTP server on 127.0.0.1 with a latency and bandwidth budget.
 
     Each GET waits ``latency`` seconds (the round trips of a real NAS protocol
@@ -292,38 +281,16 @@ class EmulatedNAS:
     use it as a context manager.
     """
 
+    thread_name = "emulated-nas"
+
     def __init__(self, root: str | Path, *, latency: float = 0.002, bandwidth: float = 110e6,
                  chunk: int = 65_536) -> None:
+        super().__init__()
         self.root = Path(root).resolve()
         self.latency, self.bandwidth, self.chunk = latency, bandwidth, chunk
-        self._server: _NASServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> EmulatedNAS:
-        self._server = _NASServer(("127.0.0.1", 0), _ThrottledHandler)
-        self._server.nas = self
-        self._thread = threading.Thread(target=self._server.serve_forever, name="emulated-nas", daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("EmulatedNAS is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> EmulatedNAS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def handler(self) -> type[QuietHandler]:
+        return _ThrottledHandler
 
 
 def _time_tiers(tiers: dict[str, Any], repeats: int) -> dict[str, list[float]]:

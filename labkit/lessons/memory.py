@@ -30,12 +30,10 @@ from __future__ import annotations
 import os
 import random
 import re
-import threading
 import time
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from celery import shared_task
 
 from labkit import data
 from labkit.app import worker_name
+from labkit.loopback import LoopbackServer, QuietHandler
 from labkit.measure import Comparison, Measurement, memory_now, peak_rss
 
 RECORD = data.RECORD_TAG  # "VehicleSale"
@@ -279,7 +278,7 @@ def explore_size(size_mb: float = DEFAULT_MB, variants: Sequence[str] = ("parse"
 # ----------------------------------------------------------------------------- downloads
 
 
-class ByteServer:
+class ByteServer(LoopbackServer):
     """A local HTTP server on 127.0.0.1 (a free port), serving ``/bytes/<n>``.
 
     ``/bytes/<n>`` answers ``n`` bytes made on the fly: one 1 MiB block of
@@ -291,17 +290,18 @@ class ByteServer:
     """
 
     BLOCK = 1 << 20
+    thread_name = "labkit-byteserver"
+    join_handlers = True  # close() waits for downloads in progress
 
     def __init__(self, seed: int = 0, files: dict[str, str | Path] | None = None) -> None:
+        super().__init__()
         self.block = random.Random(seed).randbytes(self.BLOCK)
         self.files = {k: Path(v) for k, v in (files or {}).items()}
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def handler(self) -> type[QuietHandler]:
         block, files = self.block, self.files
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             timeout = 30  # a client that stops reading cannot hold close() forever
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -333,40 +333,7 @@ class ByteServer:
                     while chunk := fh.read(1 << 20):
                         self.wfile.write(chunk)
 
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
         return Handler
-
-    def start(self) -> ByteServer:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        server.daemon_threads = False  # server_close() joins the handler threads
-        server.block_on_close = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="labkit-byteserver", daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the server is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = self._thread = None
-
-    def __enter__(self) -> ByteServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def download_content(url: str) -> dict[str, int]:

