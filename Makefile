@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NB_CELL_TIMEOUT ?= 240
+# JupyterLab refuses to run as root unless told; containers and CI machines often are root.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: lab test setup system venv lint bench doctor clean help
 
@@ -32,7 +34,7 @@ $(STAMP): pyproject.toml
 
 lab: setup
 	$(PY) -m labkit.cli doctor --quiet
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_FLAGS)
 
 test: setup
 	$(PY) -m labkit.cli doctor --quiet
