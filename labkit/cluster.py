@@ -419,12 +419,22 @@ class LocalCluster:
         return any(hostname in r for r in replies)
 
     def ping(self, timeout: float = 1.0) -> dict[str, bool]:
-        """Control-ping every worker: ``{"w1": True, ...}``."""
+        """Control-ping every worker: ``{"w1": True, ...}``.
+
+        Asks again for the missing ones until ``timeout``: a reply left over
+        from an earlier ping (a worker that was paused answers every ping it
+        missed) can end one ``control.ping(limit=...)`` round early.
+        """
         hosts = {w.hostname: n for n, w in self.workers.items()}
-        if not hosts:
-            return {}
-        replies = self.app.control.ping(destination=list(hosts), timeout=timeout, limit=len(hosts))
-        seen = {h for r in replies for h in r}
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [h for h in hosts if h not in seen]
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            replies = self.app.control.ping(destination=pending, timeout=remaining, limit=len(pending))
+            seen |= {h for r in replies for h in r if h in hosts}
         return {n: h in seen for h, n in hosts.items()}
 
     def redis_client(self, **kwargs: Any):
