@@ -133,7 +133,6 @@ class LocalCluster:
         self._worker_options = dict(worker_options or {})
         self._guard = None
         self._kernel_zk = None
-        self._kernel_redis = None
 
         self.redis = RedisService(
             name="redis", run_dir=self.run_dir, cluster_id=self.id, port=redis_port or free_port(),
@@ -268,14 +267,10 @@ class LocalCluster:
         if self.state == "closed":
             return
         self.state = "closing"
-        for client in (self._kernel_zk,):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.stop()
-                    client.close()
-        if self._kernel_redis is not None:
+        if self._kernel_zk is not None:
             with contextlib.suppress(Exception):
-                self._kernel_redis.close()
+                self._kernel_zk.stop()
+                self._kernel_zk.close()
         with contextlib.suppress(Exception):
             self.app.close()
         ordered = [*self.workers.values(), *self.zookeepers, self.redis]
@@ -366,9 +361,8 @@ class LocalCluster:
 
     def pause(self, name: str, *, child: int | None = None) -> int:
         """SIGSTOP a service (or one worker child): it keeps its sockets but answers nothing."""
-        return self.kill(name, signal.SIGSTOP, child=child) if child is not None else self._pause(name)
-
-    def _pause(self, name: str) -> int:
+        if child is not None:
+            return self.kill(name, signal.SIGSTOP, child=child)
         service = self.service(name)
         service.pause()
         return service.pid
