@@ -40,6 +40,9 @@ from pathlib import Path
 
 import psutil
 
+from ..poll import poll_until
+from ..status import Status
+
 ENV_MARK = "LABKIT_CLUSTER"
 
 _PR_SET_PDEATHSIG = 1
@@ -201,24 +204,6 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
 
 
-def wait_for(
-    predicate: Callable[[], bool],
-    *,
-    deadline: float,
-    alive: Callable[[], bool] | None = None,
-    interval: float = 0.02,
-) -> bool:
-    """Poll ``predicate`` until true (True), ``deadline`` passes or ``alive()`` is false (False)."""
-    while True:
-        if predicate():
-            return True
-        if alive is not None and not alive():
-            return False
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 # --------------------------------------------------------------------------- Service
 
 
@@ -239,9 +224,10 @@ class Service:
     stop_timeout: float = 5.0
     on_spawn: Callable[[Service], None] | None = field(default=None, repr=False)
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    state: str = field(default="new", init=False)
+    state: Status = field(default=Status.NEW, init=False)
     started_at: float | None = field(default=None, init=False)
     ready_seconds: float | None = field(default=None, init=False)
+    last_probe_error: BaseException | None = field(default=None, init=False, repr=False)
 
     kind = "service"
 
@@ -307,35 +293,46 @@ class Service:
                 remedy=self.remedy() or "install it, or run `labkit doctor`",
             ) from exc
         self.started_at = time.monotonic()
-        self.state = "starting"
+        self.last_probe_error = None
+        self.state = Status.STARTING
         if self.on_spawn is not None:
             self.on_spawn(self)
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until :meth:`probe` succeeds; raise ServiceError with the log tail."""
+        """Block until :meth:`probe` succeeds; raise ServiceError with the log tail.
+
+        A probe that raises counts as "not ready yet"; if the deadline passes,
+        its last exception is quoted in the error, so a bug in a probe does not
+        read as a slow service.
+        """
         assert self.proc is not None and self.started_at is not None, "spawn() first"
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        ok = wait_for(self._safe_probe, deadline=deadline, alive=self.alive)
-        if ok:
-            self.state = "running"
+        limit = timeout or self.start_timeout
+        if poll_until(self._safe_probe, limit, alive=self.alive):
+            self.state = Status.RUNNING
             self.ready_seconds = time.monotonic() - self.started_at
             return
         cmd = self.command()
+        self.state = Status.FAILED
         if not self.alive():
-            code = self.proc.returncode
-            self.state = "failed"
-            problem = f"exited with code {code} during start-up"
+            problem = f"exited with code {self.proc.returncode} during start-up"
         else:
-            self.state = "failed"
-            problem = f"did not become ready within {timeout or self.start_timeout:.0f} s"
+            problem = f"did not become ready within {limit:.0f} s"
+            if self.last_probe_error is not None:
+                err = self.last_probe_error
+                problem += f" (its readiness probe last raised {type(err).__name__}: {err})"
             self.stop()
+            self.state = Status.FAILED
         raise ServiceError(self.name, problem, command=cmd, log=self.log_path, remedy=self.remedy())
 
     def _safe_probe(self) -> bool:
         try:
-            return bool(self.probe())
-        except Exception:
+            ok = bool(self.probe())
+        except Exception as exc:  # not ready yet; remembered for the error message
+            self.last_probe_error = exc
             return False
+        if ok:
+            self.last_probe_error = None
+        return ok
 
     def start(self, timeout: float | None = None) -> None:
         self.spawn()
@@ -356,15 +353,15 @@ class Service:
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(self.stop_timeout if sig != signal.SIGKILL else 5)
-            self.state = "killed" if not self.alive() else "stopping"
+            self.state = Status.KILLED if not self.alive() else Status.STOPPING
 
     def pause(self) -> None:
         self.send_signal(signal.SIGSTOP)
-        self.state = "paused"
+        self.state = Status.PAUSED
 
     def resume(self) -> None:
         self.send_signal(signal.SIGCONT)
-        self.state = "running"
+        self.state = Status.RUNNING
 
     stop_signal = signal.SIGTERM
 
@@ -384,7 +381,7 @@ class Service:
         kill_group(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        self.state = "stopped"
+        self.state = Status.STOPPED
 
     def stop(self) -> None:
         """Terminate, wait ``stop_timeout``, then SIGKILL the group. Idempotent."""
@@ -396,12 +393,17 @@ class Service:
         self.proc = None
         self.start(timeout)
 
+    def observed_state(self) -> Status:
+        """``state``, corrected for a process that died on its own (then ``EXITED``)."""
+        if self.state in (Status.STARTING, Status.RUNNING, Status.PAUSED) and not self.alive():
+            return Status.EXITED
+        return self.state
+
     def status(self) -> dict:
         return {
             "name": self.name,
             "kind": self.kind,
-            # a process that died on its own still says "running" in self.state: show the truth
-            "state": "exited" if self.state in ("starting", "running", "paused") and not self.alive() else self.state,
+            "state": self.observed_state().value,
             "pid": self.pid,
             "address": self.describe(),
             "ready_s": None if self.ready_seconds is None else round(self.ready_seconds, 2),

@@ -22,6 +22,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 
+from ..status import Status
 from .base import Service, ServiceError, free_port
 
 REMEDY = (
@@ -197,7 +198,7 @@ class ZooKeeperService(Service):
 
     def status(self) -> dict:
         info = super().status()
-        if self.alive() and self.state == "running":
+        if self.alive() and self.state == Status.RUNNING:
             info["mode"] = self.mode() or "not serving"
         return info
 
