@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .measure import Comparison, Measurement, fmt
+from .measure import Comparison, Measurement
+from .table import fmt
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes

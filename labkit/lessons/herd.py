@@ -321,8 +321,8 @@ def compare_locks(cluster: Any, n: int = 15, hold: float = 0.05) -> Comparison:
 
 def plot_wakeups(comparison: Comparison):
     """Wake-ups caused by each release, and the totals."""
-    from labkit.measure import fmt  # noqa: PLC0415
     from labkit.plots import bars, panels, timelines  # noqa: PLC0415
+    from labkit.table import fmt  # noqa: PLC0415
 
     fig, (ax1, ax2) = panels(2, width=5.5)
     timelines([comparison.before, comparison.after], ax=ax1, step=False,

@@ -19,7 +19,7 @@ all do the same work):
 * :func:`load_lxml` — lxml's ``iterparse(tag=...)`` + ``elem.clear()`` + deleting
   the already-handled previous siblings: flat, and the fastest.
 
-Every loader runs in a fresh interpreter (:func:`labkit.measure.peak_rss`), so
+Every loader runs in a fresh interpreter (:func:`labkit.fresh.peak_rss`), so
 the figure is the loader's and not the notebook's. Downloads get the same
 treatment with a local HTTP server (:class:`ByteServer`), and the Celery task
 :func:`import_file` shows the same effect inside a worker's pool child.
@@ -41,8 +41,9 @@ from celery import shared_task
 
 from labkit import data
 from labkit.app import worker_name
+from labkit.fresh import memory_now, peak_rss
 from labkit.loopback import LoopbackServer, QuietHandler
-from labkit.measure import Comparison, Measurement, memory_now, peak_rss
+from labkit.measure import Comparison, Measurement
 
 RECORD = data.RECORD_TAG  # "VehicleSale"
 FIELD = "CashPrice"

@@ -14,8 +14,10 @@ import zlib
 import pytest
 
 from labkit import LocalCluster, data
+from labkit.fresh import MIB, peak_rss, run_fresh
 from labkit.lessons import memory
-from labkit.measure import MIB, peak_rss, run_fresh
+
+pytestmark = pytest.mark.cluster  # every test here starts real processes
 
 # ----------------------------------------------------------------------------- the generator
 
