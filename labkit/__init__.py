@@ -9,21 +9,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AttachedCluster", "LocalCluster", "ServiceError", "WorkerSpec", "attach"]
+__all__ = ["AttachedCluster", "ClusterLike", "LocalCluster", "ServiceError", "Status", "WorkerSpec", "attach"]
 __version__ = "0.1.0"
 
 _WHERE = {
-    "AttachedCluster": ".cluster",
+    "AttachedCluster": ".client",
+    "ClusterLike": ".client",
     "LocalCluster": ".cluster",
-    "attach": ".cluster",
+    "Status": ".status",
+    "attach": ".client",
     "ServiceError": ".services.base",
     "WorkerSpec": ".services.worker",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cluster import AttachedCluster, LocalCluster, attach
+    from .client import AttachedCluster, ClusterLike, attach
+    from .cluster import LocalCluster
     from .services.base import ServiceError
     from .services.worker import WorkerSpec
+    from .status import Status
 
 
 def __getattr__(name: str) -> Any:

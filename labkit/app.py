@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pkgutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 
 
 def lesson_modules() -> list[str]:
-    """Dotted names of every module in :mod:`labkit.lessons`."""
-    import labkit.lessons as pkg  # noqa: PLC0415
+    """Dotted names of every module in :mod:`labkit.lessons` (what workers import by default)."""
+    from labkit.lessons import module_names  # noqa: PLC0415
 
-    return [f"labkit.lessons.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    return module_names()
 
 
 def merge_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:

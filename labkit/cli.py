@@ -122,7 +122,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_run_dirs(keep: set[str]) -> int:
+    """Remove run directories that no live owner claims: stale state files, or none at all.
+
+    A run directory is kept when its state file names a live owner, or when it
+    is younger than a minute and has no state file yet (a cluster starting).
+    """
+    from .cluster import run_root  # noqa: PLC0415
+
+    removed = 0
+    for path in run_root().iterdir():
+        if not path.is_dir() or str(path) in keep:
+            continue
+        state = path / "cluster.json"
+        owner_alive = False
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            owner_alive = _alive(int(json.loads(state.read_text())["owner_pid"]))
+        if owner_alive:
+            continue
+        if not state.exists() and time.time() - path.stat().st_mtime < 60:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def cmd_down(args: argparse.Namespace) -> int:
+    from .poll import poll_until  # noqa: PLC0415
     from .services.base import labkit_processes  # noqa: PLC0415
 
     targets = [c for c in _clusters() if not args.id or c["id"] == args.id]
@@ -131,21 +157,23 @@ def cmd_down(args: argparse.Namespace) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(c["owner_pid"]), signal.SIGTERM)
             print(f"asked {c['id']} (owner pid {c['owner_pid']}) to close")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and labkit_processes(args.id or None):
-        time.sleep(0.2)
+    poll_until(lambda: not labkit_processes(args.id or None), 10, 0.2)
     leftovers = labkit_processes(args.id or None)
     for p in leftovers:
         with contextlib.suppress(Exception):
             p.kill()
     if leftovers:
         print(f"killed {len(leftovers)} leftover process(es)")
-    # run directories whose owner is gone (kept after a failed start, for its logs)
-    stale = [c for c in targets if not c["owner_alive"]]
-    for c in stale:
-        shutil.rmtree(c["run_dir"], ignore_errors=True)
-    if stale:
-        print(f"removed {len(stale)} stale run director{'y' if len(stale) == 1 else 'ies'}")
+    # run directories whose owner is gone (kept after a failed start, for its logs), and empty ones
+    if args.id:
+        stale = [c for c in targets if not c["owner_alive"]]
+        for c in stale:
+            shutil.rmtree(c["run_dir"], ignore_errors=True)
+        removed = len(stale)
+    else:
+        removed = _prune_run_dirs(keep=set())
+    if removed:
+        print(f"removed {removed} stale run director{'y' if removed == 1 else 'ies'}")
     if not targets and not leftovers:
         print("no labkit cluster is running")
     return 0

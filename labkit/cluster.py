@@ -5,20 +5,25 @@
     ...     c.kill("w1")                            # SIGKILL a worker
     ...     c.restart("w1")
 
-What it promises (see the README's "Cluster contract"):
+What it promises (see the README's "Architecture"):
 
 * every service is a real process on 127.0.0.1 on a free port, with its own
   log under ``run_dir/logs``; start-up is parallel and returns only when all
-  are ready, or raises :class:`~labkit.services.base.ServiceError` naming the
-  service, the command and its log tail;
+  are ready, or raises :class:`~labkit.services.base.ServiceError` naming
+  every service that failed, the command and its log tail;
+* arguments are checked before anything touches the disk;
 * ``close()`` is idempotent, also runs at interpreter exit, and a per-cluster
   guard process kills everything if the owner dies without closing
   (SIGKILL of the kernel included);
 * re-running a notebook cell ``LocalCluster(...)`` with the same arguments
   returns the cluster already running in this process;
 * faults on demand: ``kill``/``pause``/``resume``/``restart`` any service by
-  name (``"redis"``, ``"zk"`` or ``"zk2"``, ``"w1"``), or one of a worker's
-  pool children with ``child=i``.
+  name (``"redis"``, ``"zk"`` or ``"zk2"``, ``"w1"``, a beat's name), or one
+  of a worker's pool children with ``child=i``.
+
+The client side (``app``, ``task``, ``ping``, ``redis_client``, ``zk``) is
+:class:`~labkit.client.ClusterClient`, shared with
+:class:`~labkit.client.AttachedCluster`.
 """
 
 from __future__ import annotations
@@ -39,15 +44,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
-from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .app import lesson_modules, make_app
+from .client import AttachedCluster, ClusterClient, attach
+from .poll import poll_until
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
+from .services.beat import BeatService
 from .services.redis import RedisService
 from .services.worker import WorkerService, WorkerSpec
 from .services.zookeeper import ZooKeeperService, ensemble, kazoo_session_ok
+from .status import Status
+
+__all__ = ["AttachedCluster", "LocalCluster", "attach", "run_root"]
+
+_RESERVED = ("redis", "zk", "guard")
 
 
 def run_root() -> Path:
@@ -58,8 +70,8 @@ def run_root() -> Path:
     return path
 
 
-class LocalCluster:
-    """A Redis broker, an optional ZooKeeper (1 node or an ensemble) and Celery workers.
+class LocalCluster(ClusterClient):
+    """A Redis broker, an optional ZooKeeper (1 node or an ensemble), Celery workers and beats.
 
     Parameters
     ----------
@@ -72,7 +84,7 @@ class LocalCluster:
     worker_options:
         Options applied to every default worker (``concurrency=1``, ...).
     settings:
-        Celery settings shared by ``cluster.app`` and every worker.
+        Celery settings shared by ``cluster.app`` and every worker and beat.
     include:
         Modules whose tasks the workers import (default: every lesson module).
     redis_port, appendonly:
@@ -90,7 +102,7 @@ class LocalCluster:
         key = cls._key(args, kwargs)
         if reuse:
             existing = cls._instances.get(key)
-            if existing is not None and existing.state == "running":
+            if existing is not None and existing.state == Status.RUNNING:
                 existing._reused = True
                 return existing
         self = super().__new__(cls)
@@ -119,20 +131,22 @@ class LocalCluster:
     ) -> None:
         if self._initialised:
             return
+        # every argument is checked before anything touches the disk
+        specs = self.check_options(workers, zookeeper=zookeeper, worker_options=worker_options,
+                                   settings=settings, include=include, redis_port=redis_port,
+                                   start_timeout=start_timeout, name=name)
         self._initialised = True
         self._reused = False
-        if isinstance(zookeeper, bool) or not isinstance(zookeeper, int) or zookeeper < 0:
-            raise ValueError(f"zookeeper must be 0 (none), 1 (standalone) or N >= 2 (ensemble), not {zookeeper!r}")
         self.id = name or f"lk{uuid.uuid4().hex[:6]}"
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-", dir=run_root()))
         self.settings = dict(settings or {})
         self.include = list(include) if include is not None else lesson_modules()
         self.start_timeout = start_timeout
-        self.state = "new"
+        self.state = Status.NEW
         self.started_in: float | None = None
         self._worker_options = dict(worker_options or {})
         self._guard = None
         self._kernel_zk = None
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-", dir=run_root()))
 
         self.redis = RedisService(
             name="redis", run_dir=self.run_dir, cluster_id=self.id, port=redis_port or free_port(),
@@ -144,27 +158,58 @@ class LocalCluster:
         for zk in self.zookeepers:
             zk.on_spawn = self._record
         self.workers: dict[str, WorkerService] = {}
-        specs = self._initial_specs(workers)
-        self.app: Celery = make_app(self.redis.url, settings=self.settings, include=self.include)
+        self.beats: dict[str, BeatService] = {}
+        self.app = make_app(self.redis.url, settings=self.settings, include=self.include)
         for spec in specs:
             self._make_worker(spec)
         if start:
             self.start()
 
     # ------------------------------------------------------------------ construction
-    def _initial_specs(self, workers: int | list) -> list[WorkerSpec]:
+    @classmethod
+    def check_options(
+        cls,
+        workers: int | list[WorkerSpec | dict] = 2,
+        *,
+        zookeeper: int = 1,
+        worker_options: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+        include: list[str] | None = None,
+        redis_port: int = 0,
+        start_timeout: float = 60.0,
+        name: str | None = None,
+        **_ignored: Any,
+    ) -> list[WorkerSpec]:
+        """Validate ``LocalCluster`` arguments without starting anything; returns the worker specs.
+
+        Raises ``ValueError`` / ``TypeError`` naming the bad argument. Lessons'
+        ``CLUSTER`` dicts are checked with it by the contract test.
+        """
+        if isinstance(zookeeper, bool) or not isinstance(zookeeper, int) or zookeeper < 0:
+            raise ValueError(f"zookeeper must be 0 (none), 1 (standalone) or N >= 2 (ensemble), not {zookeeper!r}")
+        if settings is not None and not isinstance(settings, dict):
+            raise TypeError(f"settings must be a dict of Celery settings, not {settings!r}")
+        if include is not None and (isinstance(include, str) or not all(isinstance(m, str) for m in include)):
+            raise TypeError(f"include must be a list of module names, not {include!r}")
+        if isinstance(redis_port, bool) or not isinstance(redis_port, int) or not 0 <= redis_port < 65536:
+            raise ValueError(f"redis_port must be 0 (a free port) or a TCP port number, not {redis_port!r}")
+        if not isinstance(start_timeout, int | float) or start_timeout <= 0:
+            raise ValueError(f"start_timeout must be a positive number of seconds, not {start_timeout!r}")
+        if name is not None and (not isinstance(name, str) or not name.replace("-", "").isalnum()):
+            raise ValueError(f"name must be letters, digits and '-', not {name!r}")
+        options = dict(worker_options or {})
         if isinstance(workers, bool) or not isinstance(workers, int | list | tuple):
             raise ValueError(f"workers must be a count or a list of worker specs, not {workers!r}")
         if isinstance(workers, int):
             if workers < 0:
                 raise ValueError(f"workers must be >= 0, not {workers}")
-            return [WorkerSpec.from_options(f"w{i}", **self._worker_options) for i in range(1, workers + 1)]
+            return [WorkerSpec.from_options(f"w{i}", **options) for i in range(1, workers + 1)]
         specs = []
         for i, item in enumerate(workers, start=1):
             if isinstance(item, WorkerSpec):
                 spec = item
             elif isinstance(item, dict):
-                opts = {**self._worker_options, **item}
+                opts = {**options, **item}
                 spec = WorkerSpec.from_options(opts.pop("name", f"w{i}"), **opts)
             else:
                 raise ValueError(f"worker spec must be a WorkerSpec or dict, not {item!r}")
@@ -173,16 +218,25 @@ class LocalCluster:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique: {names}")
+        clash = [n for n in names if n in _RESERVED or n.startswith("zk")]
+        if clash:
+            raise ValueError(f"worker names {clash} are reserved for the cluster's own services")
         return specs
 
+    def _check_new_name(self, name: str) -> None:
+        taken = {s.name for s in self.services}
+        if name in taken or name in _RESERVED or name.startswith("zk"):
+            raise ValueError(f"a service named {name!r} already exists in this cluster (or the name is reserved)")
+
+    def _celery_env(self) -> dict[str, Any]:
+        """What every Celery process of this cluster is told (see CeleryService)."""
+        return {"run_dir": self.run_dir, "cluster_id": self.id, "redis_url": self.redis.url,
+                "zk_hosts": self.zk_hosts, "settings": self.settings, "on_spawn": self._record}
+
     def _make_worker(self, spec: WorkerSpec) -> WorkerService:
-        if spec.name in self.workers or spec.name == "redis" or spec.name.startswith("zk"):
-            raise ValueError(f"a service named {spec.name!r} already exists in this cluster")
-        worker = WorkerService(
-            name=spec.name, run_dir=self.run_dir, cluster_id=self.id, spec=spec,
-            redis_url=self.redis.url, zk_hosts=self.zk_hosts, settings=self.settings,
-            include=self.include, ping=self._ping_one, on_spawn=self._record,
-        )
+        self._check_new_name(spec.name)
+        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one,
+                               **self._celery_env())
         self.workers[spec.name] = worker
         return worker
 
@@ -204,34 +258,36 @@ class LocalCluster:
 
     @property
     def services(self) -> list[Service]:
-        return [self.redis, *self.zookeepers, *self.workers.values()]
+        return [self.redis, *self.zookeepers, *self.workers.values(), *self.beats.values()]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> LocalCluster:
         """Start every service (in parallel) and return when all are ready."""
-        if self.state == "running":
+        if self.state == Status.RUNNING:
             return self
-        if self.state == "closed":
+        if self.state == Status.CLOSED:
             raise RuntimeError(f"cluster {self.id} is closed; create a new LocalCluster")
         t0 = time.monotonic()
-        self.state = "starting"
+        self.state = Status.STARTING
         self._register()
         try:
             self._start_guard()
             self.redis.spawn()
             for zk in self.zookeepers:
                 zk.spawn()
-            self.redis.wait_ready(self.start_timeout)
+            self._wait_all([self.redis])
             for worker in self.workers.values():
                 worker.spawn()
-            self._wait_all([*self.zookeepers, *self.workers.values()])
+            for beat in self.beats.values():
+                beat.spawn()
+            self._wait_all([*self.zookeepers, *self.workers.values(), *self.beats.values()])
             if len(self.zookeepers) > 1 and not kazoo_session_ok(self.zk_hosts, timeout=10):
                 raise ServiceError("zookeeper", "ensemble nodes are up but no kazoo session could be opened",
                                    log=self.zookeepers[0].log_path)
         except BaseException:
             self.close(keep_run_dir=True)
             raise
-        self.state = "running"
+        self.state = Status.RUNNING
         self.started_in = time.monotonic() - t0
         self.app.set_current()
         self.app.set_default()
@@ -239,14 +295,21 @@ class LocalCluster:
         return self
 
     def _wait_all(self, services: list[Service]) -> None:
+        """Wait for every service at once; report *all* that failed, not the first."""
         if not services:
             return
         with ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="labkit-ready") as pool:
             futures = [pool.submit(s.wait_ready, self.start_timeout) for s in services]
             errors = [f.exception() for f in futures]
         errors = [e for e in errors if e is not None]
-        if errors:
+        if len(errors) == 1:
             raise errors[0]
+        if errors:
+            names = [getattr(e, "service", "?") for e in errors]
+            raise ServiceError(
+                ", ".join(names), f"{len(errors)} services failed to start:\n\n"
+                + "\n\n".join(str(e) for e in errors),
+            ) from errors[0]
 
     def _start_guard(self) -> None:
         env = dict(os.environ, LABKIT_CLUSTER=self.id)
@@ -263,17 +326,12 @@ class LocalCluster:
                 LocalCluster._atexit_registered = True
 
     def close(self, keep_run_dir: bool = False) -> None:
-        """Stop every service (workers first) and remove the run directory. Idempotent."""
-        if self.state == "closed":
+        """Stop every service (beats and workers first) and remove the run directory. Idempotent."""
+        if self.state == Status.CLOSED:
             return
-        self.state = "closing"
-        if self._kernel_zk is not None:
-            with contextlib.suppress(Exception):
-                self._kernel_zk.stop()
-                self._kernel_zk.close()
-        with contextlib.suppress(Exception):
-            self.app.close()
-        ordered = [*self.workers.values(), *self.zookeepers, self.redis]
+        self.state = Status.CLOSING
+        self._close_clients()
+        ordered = [*self.beats.values(), *self.workers.values(), *self.zookeepers, self.redis]
         for s in ordered:
             s.terminate()
         for s in ordered:
@@ -286,7 +344,7 @@ class LocalCluster:
         for p in labkit_processes(self.id):
             with contextlib.suppress(Exception):
                 p.kill()
-        self.state = "closed"
+        self.state = Status.CLOSED
         with LocalCluster._lock:
             if LocalCluster._instances.get(self._key_value) is self:
                 del LocalCluster._instances[self._key_value]
@@ -303,10 +361,7 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ workers
+    # ------------------------------------------------------------------ workers and beats
     def add_worker(self, name: str | None = None, *, start: bool = True, **options: Any) -> WorkerService:
         """Start one more worker; ``options`` are :class:`WorkerSpec` fields."""
         if name is None:
@@ -316,20 +371,50 @@ class LocalCluster:
             name = f"w{i}"
         spec = WorkerSpec.from_options(name, **{**self._worker_options, **options})
         worker = self._make_worker(spec)
-        if start and self.state == "running":
-            try:
-                worker.start(self.start_timeout)
-            except BaseException:
-                worker.stop()
-                del self.workers[name]
-                raise
+        self._start_added(worker, self.workers, start)
         return worker
 
     def remove_worker(self, name: str) -> None:
         """Stop a worker and forget it."""
-        worker = self._worker(name)
-        worker.stop()
+        self._worker(name).stop()
         del self.workers[name]
+
+    def add_beat(self, name: str = "beat", *, scheduler: str | None = None, clock_offset: float = 0.0,
+                 env: dict[str, str] | None = None, include: list[str] | None = None,
+                 max_interval: float = 1.0, start: bool = True) -> BeatService:
+        """Start a ``celery beat`` (the scheduler) as a service of this cluster.
+
+        ``scheduler`` is a ``"module:Class"`` scheduler (default: Celery's,
+        reading ``beat_schedule`` from the cluster's settings);
+        ``clock_offset`` skews its wall clock like a worker's; ``env`` adds
+        environment variables (a custom scheduler's configuration). Beats are
+        listed in :meth:`status`, recorded with the guard and stopped first
+        on :meth:`close`.
+        """
+        self._check_new_name(name)
+        beat = BeatService(name=name, scheduler=scheduler, clock_offset=clock_offset, env=dict(env or {}),
+                           include=list(include) if include is not None else self.include,
+                           max_interval=max_interval, **self._celery_env())
+        self.beats[name] = beat
+        self._start_added(beat, self.beats, start)
+        return beat
+
+    def remove_beat(self, name: str) -> None:
+        """Stop a beat and forget it."""
+        beat = self.service(name)
+        if not isinstance(beat, BeatService):
+            raise KeyError(f"{name!r} is not a beat; beats: {sorted(self.beats)}")
+        beat.stop()
+        del self.beats[name]
+
+    def _start_added(self, service: Service, registry: dict[str, Any], start: bool) -> None:
+        if start and self.state == Status.RUNNING:
+            try:
+                service.start(self.start_timeout)
+            except BaseException:
+                service.stop()
+                del registry[service.name]
+                raise
 
     def _worker(self, name: str) -> WorkerService:
         try:
@@ -338,7 +423,7 @@ class LocalCluster:
             raise KeyError(f"no worker {name!r}; workers: {sorted(self.workers)}") from None
 
     def service(self, name: str) -> Service:
-        """The service called ``name``: ``redis``, ``zk`` / ``zk1``..., or a worker name."""
+        """The service called ``name``: ``redis``, ``zk`` / ``zk1``..., a worker or a beat."""
         for s in self.services:
             if s.name == name:
                 return s
@@ -390,16 +475,17 @@ class LocalCluster:
         dead: without this, the next ping or publish fails once at random.
         """
         self.app.close()  # Celery rebuilds its connection pools on next use
-        live = [w for w in self.workers.values() if w.alive() and w.state == "running"]
-        deadline = time.monotonic() + self.start_timeout
-        pending = {w.hostname for w in live}
-        while pending and time.monotonic() < deadline:
+        pending = {w.hostname for w in self.workers.values() if w.alive() and w.state == Status.RUNNING}
+
+        def reconnected() -> bool:
             try:
                 replies = self.app.control.ping(destination=list(pending), timeout=0.5)
             except (OSError, ConnectionError, RedisConnectionError, OperationalError):
-                continue  # a pooled socket to the old server: kombu drops it on the error
-            pending -= {h for r in replies for h in r}
-        if pending:
+                return False  # a pooled socket to the old server: kombu drops it on the error
+            pending.difference_update(h for r in replies for h in r)
+            return not pending
+
+        if pending and not poll_until(reconnected, self.start_timeout, interval=0):
             raise ServiceError("redis", f"restarted, but workers {sorted(pending)} did not reconnect "
                                f"within {self.start_timeout:.0f} s", log=self.redis.log_path)
 
@@ -412,44 +498,8 @@ class LocalCluster:
         replies = self.app.control.ping(destination=[hostname], timeout=timeout, limit=1)
         return any(hostname in r for r in replies)
 
-    def ping(self, timeout: float = 1.0) -> dict[str, bool]:
-        """Control-ping every worker: ``{"w1": True, ...}``.
-
-        Asks again for the missing ones until ``timeout``: a reply left over
-        from an earlier ping (a worker that was paused answers every ping it
-        missed) can end one ``control.ping(limit=...)`` round early.
-        """
-        hosts = {w.hostname: n for n, w in self.workers.items()}
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout
-        while True:
-            pending = [h for h in hosts if h not in seen]
-            remaining = deadline - time.monotonic()
-            if not pending or remaining <= 0:
-                break
-            replies = self.app.control.ping(destination=pending, timeout=remaining, limit=len(pending))
-            seen |= {h for r in replies for h in r if h in hosts}
-        return {n: h in seen for h, n in hosts.items()}
-
-    def redis_client(self, **kwargs: Any):
-        """A redis-py client for the cluster's Redis (a new one per call)."""
-        return self.redis.client(**kwargs)
-
-    def zk(self):
-        """The kernel's kazoo client for this cluster (started once, closed with the cluster)."""
-        if not self.zookeepers:
-            raise RuntimeError("this cluster has no ZooKeeper: LocalCluster(zookeeper=1)")
-        if self._kernel_zk is None or not self._kernel_zk.connected:
-            from kazoo.client import KazooClient  # noqa: PLC0415
-
-            self._kernel_zk = KazooClient(hosts=self.zk_hosts, timeout=10)
-            self._kernel_zk.start(timeout=15)
-        return self._kernel_zk
-
-    def task(self, task_or_name: Any):
-        """The cluster app's instance of a task (pass the function or its name)."""
-        name = task_or_name if isinstance(task_or_name, str) else task_or_name.name
-        return self.app.tasks[name]
+    def _worker_hostnames(self) -> list[str]:
+        return [w.hostname for w in self.workers.values()]
 
     def logs(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a service's log."""
@@ -457,6 +507,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ reporting
     def status(self) -> list[dict]:
+        """One dict per service: name, kind, state, pid, address, ready_s, log."""
         return [s.status() for s in self.services]
 
     def _write_state(self) -> None:
@@ -477,28 +528,29 @@ class LocalCluster:
         head = f"<LocalCluster {self.id} {self.state}: redis {self.redis_url}"
         if self.zookeepers:
             head += f", zookeeper {self.zk_hosts}"
-        head += f", {len(self.workers)} worker(s)>"
-        rows = [f"  {s['name']:<8} {s['kind']:<9} {s['state']:<8} pid={s['pid']}  {s['address']}" for s in self.status()]
-        return "\n".join([head, *rows])
+        head += f", {len(self.workers)} worker(s)"
+        if self.beats:
+            head += f", {len(self.beats)} beat(s)"
+        rows = [f"  {s['name']:<8} {s['kind']:<9} {s['state']:<8} pid={s['pid']}  {s['address']}"
+                for s in self.status()]
+        return "\n".join([head + ">", *rows])
 
     def _repr_html_(self) -> str:
         colours = {"running": "#2e7d32", "paused": "#ef6c00", "starting": "#1565c0"}
         rows = []
         for s in self.status():
             colour = colours.get(s["state"], "#c62828")
+            cells = [html.escape(str(v)) for v in (s["name"], s["kind"])]
+            rest = [html.escape(str(v)) for v in
+                    (s["pid"], s["address"], "" if s["ready_s"] is None else f"{s['ready_s']} s")]
             rows.append(
-                "<tr>" + "".join(
-                    f"<td style='text-align:left'>{html.escape(str(v))}</td>"
-                    for v in (s["name"], s["kind"]) )
+                "<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
                 + f"<td style='text-align:left;color:{colour}'><b>{html.escape(s['state'])}</b></td>"
-                + "".join(
-                    f"<td style='text-align:left'>{html.escape(str(v))}</td>"
-                    for v in (s["pid"], s["address"], "" if s["ready_s"] is None else f"{s['ready_s']} s"))
-                + "</tr>"
+                + "".join(f"<td style='text-align:left'>{c}</td>" for c in rest) + "</tr>"
             )
         started = f" — ready in {self.started_in:.2f} s" if self.started_in else ""
         return (
-            f"<div><b>LocalCluster {html.escape(self.id)}</b> ({html.escape(self.state)}{started})<br>"
+            f"<div><b>LocalCluster {html.escape(self.id)}</b> ({html.escape(str(self.state))}{started})<br>"
             f"<code>redis_url = {html.escape(self.redis_url)}</code><br>"
             + (f"<code>zk_hosts = {html.escape(self.zk_hosts)}</code><br>" if self.zookeepers else "")
             + f"<small>run dir: {html.escape(str(self.run_dir))}</small>"
@@ -506,81 +558,3 @@ class LocalCluster:
             "<th>address</th><th>ready after</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table></div>"
         )
-
-
-
-class AttachedCluster:
-    """A cluster somebody else runs (a workshop's docker compose, ``labkit up``).
-
-    It offers the client side of :class:`LocalCluster` — ``app``, ``task()``,
-    ``ping()``, ``redis_client()``, ``zk()`` — but no fault injection: the
-    processes are not ours to kill. ``close()`` closes only our clients.
-    """
-
-    def __init__(self, redis_url: str, zk_hosts: str = "", settings: dict[str, Any] | None = None) -> None:
-        if not redis_url.startswith("redis://"):
-            raise ValueError(f"redis_url must look like redis://host:port/db, not {redis_url!r}")
-        self.redis_url, self.zk_hosts = redis_url, zk_hosts
-        self.app: Celery = make_app(redis_url, settings=settings)
-        self._kernel_zk = None
-        self.state = "attached"
-
-    def task(self, task_or_name: Any):
-        name = task_or_name if isinstance(task_or_name, str) else task_or_name.name
-        return self.app.tasks[name]
-
-    def ping(self, timeout: float = 1.0) -> dict[str, bool]:
-        """Every worker that answers: ``{"w1@host": True, ...}``."""
-        return {h: True for r in self.app.control.ping(timeout=timeout) for h in r}
-
-    def redis_client(self, **kwargs: Any):
-        import redis  # noqa: PLC0415
-
-        return redis.Redis.from_url(self.redis_url, **kwargs)
-
-    def zk(self):
-        if not self.zk_hosts:
-            raise RuntimeError("no ZooKeeper address: set LABKIT_ZK_HOSTS or pass zk_hosts=")
-        if self._kernel_zk is None:
-            from kazoo.client import KazooClient  # noqa: PLC0415
-
-            self._kernel_zk = KazooClient(hosts=self.zk_hosts, timeout=10)
-            self._kernel_zk.start(timeout=15)
-        return self._kernel_zk
-
-    def __getattr__(self, name: str):
-        if name in ("kill", "pause", "resume", "restart", "add_worker", "remove_worker", "children"):
-            raise RuntimeError(
-                f"{name}() needs a LocalCluster: this cluster is attached ({self.redis_url}) and its "
-                "processes are not this kernel's to control"
-            )
-        raise AttributeError(name)
-
-    def close(self) -> None:
-        if self._kernel_zk is not None:
-            with contextlib.suppress(Exception):
-                self._kernel_zk.stop()
-                self._kernel_zk.close()
-        with contextlib.suppress(Exception):
-            self.app.close()
-        self.state = "closed"
-
-    def __enter__(self) -> AttachedCluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<AttachedCluster redis {self.redis_url}, zookeeper {self.zk_hosts or '-'}>"
-
-
-def attach(redis_url: str | None = None, zk_hosts: str | None = None) -> AttachedCluster:
-    """Use a running cluster: arguments, else ``$LABKIT_REDIS_URL`` / ``$LABKIT_ZK_HOSTS``."""
-    url = redis_url or os.environ.get("LABKIT_REDIS_URL")
-    if not url:
-        raise RuntimeError(
-            "attach() needs a Redis URL: pass redis_url= or set LABKIT_REDIS_URL "
-            "(`labkit up --json` prints one; docker compose sets it in the lab container)"
-        )
-    return AttachedCluster(url, zk_hosts if zk_hosts is not None else os.environ.get("LABKIT_ZK_HOSTS", ""))

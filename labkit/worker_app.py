@@ -2,9 +2,10 @@
 
 The cluster passes ``LABKIT_REDIS_URL``, ``LABKIT_SETTINGS`` (JSON) and
 ``LABKIT_INCLUDE`` (comma-separated modules) to every worker it starts, and
-builds the notebook's own app from the same values. When the worker is ready
-it writes ``LABKIT_READY_FILE`` so the cluster knows when a control ping is
-worth sending.
+builds the notebook's own app from the same values. When a worker is ready
+(``worker_ready``) or a beat has loaded its schedule (``beat_init``) it writes
+``LABKIT_READY_FILE``, so the cluster knows when a control ping is worth
+sending (a worker) or that the scheduler runs (a beat).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from celery.signals import worker_ready
+from celery.signals import beat_init, worker_ready
 
 from labkit.app import env_settings, make_app, redis_url
 
@@ -25,6 +26,7 @@ app = make_app(
 
 
 @worker_ready.connect
+@beat_init.connect
 def _mark_ready(**_kwargs) -> None:
     marker = os.environ.get("LABKIT_READY_FILE")
     if marker:

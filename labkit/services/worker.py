@@ -77,43 +77,81 @@ class WorkerSpec:
 
 
 @dataclass
-class WorkerService(Service):
-    """One ``celery worker`` process; ``ping`` is the cluster's control-ping function."""
+class CeleryService(Service):
+    """A Celery process (worker or beat) that builds its app from the cluster's environment.
 
-    spec: WorkerSpec = field(default_factory=WorkerSpec)
+    Everything a Celery process of the cluster must agree on travels in its
+    environment (read back by :mod:`labkit.worker_app`): the Redis URL, the
+    shared settings, the modules to import, ZooKeeper's address, a private
+    "local disk", a ready-file path and an optional wall-clock skew.
+    """
+
     redis_url: str = ""
     zk_hosts: str = ""
     settings: dict = field(default_factory=dict)
     include: list[str] | None = None
-    ping: Callable[[str, float], bool] | None = field(default=None, repr=False)
-
-    kind = "worker"
-    stop_signal = signal.SIGQUIT  # cold shutdown: do not wait for running tasks at close
-
-    @property
-    def hostname(self) -> str:
-        return f"{self.name}@{self.cluster_id or 'labkit'}"
+    clock_offset: float = 0.0  # seconds this process's wall clock is ahead (+) or behind (-); libfaketime
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def local_dir(self) -> Path:
-        """This worker's private directory, standing in for its host's local disk."""
+        """This process's private directory, standing in for its host's local disk."""
         return self.run_dir / "local" / self.name
 
     @property
     def ready_file(self) -> Path:
         return self.run_dir / "ready" / self.name
 
-    def describe(self) -> str:
-        s = self.spec
-        extra = f" -c{s.concurrency}" if s.pool != "solo" else ""
-        if s.clock_offset:
-            extra += f" clock {s.clock_offset:+g} s"
-        return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
-
     def prepare(self) -> None:
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            "LABKIT_REDIS_URL": self.redis_url,
+            "LABKIT_ZK_HOSTS": self.zk_hosts,
+            "LABKIT_SETTINGS": json.dumps(self.settings),
+            "LABKIT_LOCAL_DIR": str(self.local_dir),
+            "LABKIT_WORKER_NAME": self.name,
+            "LABKIT_READY_FILE": str(self.ready_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.include is not None:
+            env["LABKIT_INCLUDE"] = ",".join(self.include)
+        env.update(skew_environment(self.clock_offset))
+        env.update(self.env)
+        return env
+
+
+@dataclass
+class WorkerService(CeleryService):
+    """One ``celery worker`` process; ``ping`` is the cluster's control-ping function."""
+
+    spec: WorkerSpec = field(default_factory=WorkerSpec)
+    ping: Callable[[str, float], bool] | None = field(default=None, repr=False)
+
+    kind = "worker"
+    stop_signal = signal.SIGQUIT  # cold shutdown: do not wait for running tasks at close
+
+    def __post_init__(self) -> None:
+        self.clock_offset = self.spec.clock_offset
+        self.env = {**self.env, **self.spec.env}
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}@{self.cluster_id or 'labkit'}"
+
+    def describe(self) -> str:
+        s = self.spec
+        extra = f" -c{s.concurrency}" if s.pool != "solo" else ""
+        if s.autoscale:
+            extra = f" autoscale {s.autoscale[1]}..{s.autoscale[0]}"
+        if s.clock_offset:
+            extra += f" clock {s.clock_offset:+g} s"
+        if s.max_memory_per_child:
+            extra += f" max {s.max_memory_per_child} KiB/child"
+        return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
 
     def command(self) -> list[str]:
         s = self.spec
@@ -144,22 +182,6 @@ class WorkerService(Service):
         if s.events:
             cmd += ["--task-events"]
         return cmd
-
-    def environment(self) -> dict[str, str]:
-        env = {
-            "LABKIT_REDIS_URL": self.redis_url,
-            "LABKIT_ZK_HOSTS": self.zk_hosts,
-            "LABKIT_SETTINGS": json.dumps(self.settings),
-            "LABKIT_LOCAL_DIR": str(self.local_dir),
-            "LABKIT_WORKER_NAME": self.name,
-            "LABKIT_READY_FILE": str(self.ready_file),
-            "PYTHONUNBUFFERED": "1",
-        }
-        if self.include is not None:
-            env["LABKIT_INCLUDE"] = ",".join(self.include)
-        env.update(skew_environment(self.spec.clock_offset))
-        env.update(self.spec.env)
-        return env
 
     def probe(self) -> bool:
         if not self.ready_file.exists():
