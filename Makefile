@@ -9,11 +9,12 @@ NB_CELL_TIMEOUT ?= 240
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test setup system venv lint bench doctor clean help
+.PHONY: lab test quick setup system venv lint bench doctor clean help
 
 help:
 	@echo "make lab    - set everything up and open JupyterLab on notebooks/"
 	@echo "make test   - set everything up and run the whole suite (tests + every notebook)"
+	@echo "make quick  - lint + the unit tier (no process started; seconds)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - cluster start-up benchmark"
 	@echo "make doctor - what labkit finds on this machine"
@@ -40,6 +41,10 @@ test: setup
 	$(PY) -m labkit.cli doctor --quiet
 	$(VENV)/bin/ruff check labkit tests bench
 	$(PY) -m pytest tests -v --durations=15 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
+
+quick: venv
+	$(VENV)/bin/ruff check labkit tests bench
+	$(PY) -m pytest tests -q -m "not cluster and not notebook"
 
 lint: venv
 	$(VENV)/bin/ruff check labkit tests bench

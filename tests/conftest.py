@@ -1,22 +1,22 @@
-"""Shared fixtures: real clusters, and a leak check after every test module.
+"""Shared fixtures and the suite's two guarantees.
 
-Tests that need a cluster with special workers start their own
-``LocalCluster(...)``; the plain ``cluster`` fixture (2 prefork workers,
-standalone ZooKeeper) is shared per module to keep the suite fast.
+* **No leaks.** After every test module, no process this session started is
+  still running (:func:`labkit.testing.assert_no_leftovers`).
+* **The fast tier starts nothing.** Tests are marked ``cluster`` (real
+  processes) or ``notebook`` (runs a notebook); the rest are unit tests, and
+  ``make quick`` runs just those. A unmarked test that tries to start a
+  process fails at once, so the fast tier stays fast and honest.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
-import uuid
+import subprocess
 
-import psutil
 import pytest
 
-from labkit import LocalCluster
-from labkit.services.base import labkit_processes
+from labkit import testing
+
+PROCESS_MARKERS = ("cluster", "notebook")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,34 +28,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(workers=2, reuse=False) as c:
+    """Two prefork workers and a standalone ZooKeeper, shared by one test module."""
+    with testing.cluster(workers=2) as c:
         yield c
 
 
-# Every process this test session starts (notebook kernels and their services
-# included) inherits this mark, so the leak check never blames a cluster that
-# someone else on the machine is running.
-SESSION = os.environ.setdefault("LABKIT_TEST_SESSION", uuid.uuid4().hex)
-
-
-def _ours(p: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error, OSError):
-        return p.environ().get("LABKIT_TEST_SESSION") == SESSION
-    return False
-
-
-def wait_no_leftovers(cluster_id: str | None = None, timeout: float = 10.0) -> list:
-    """This session's processes still carrying labkit's mark after ``timeout`` s (empty is good)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in labkit_processes(cluster_id) if _ours(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
-
-
 @pytest.fixture(autouse=True, scope="module")
-def _no_leaked_processes():
+def _no_leaked_processes(request: pytest.FixtureRequest):
     yield
-    left = wait_no_leftovers()
-    assert not left, "processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in left)
+    testing.assert_no_leftovers(what=request.module.__name__)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    if any(request.node.get_closest_marker(m) for m in PROCESS_MARKERS):
+        return
+
+    def refuse(self, args, *a, **kw):
+        raise RuntimeError(
+            f"{request.node.nodeid} started a process ({args!r}) but is not marked "
+            "@pytest.mark.cluster or @pytest.mark.notebook: mark it, or keep it a unit test"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -13,12 +13,15 @@ import time
 import celery.exceptions
 import pytest
 import redis.exceptions
-from conftest import wait_no_leftovers
 from kazoo.client import KazooClient
 
-from labkit import LocalCluster, ServiceError
+from labkit import LocalCluster, ServiceError, Status
 from labkit.lessons.welcome import add, slow, where
+from labkit.poll import poll_until
 from labkit.services.base import labkit_processes
+from labkit.testing import leftover_processes
+
+pytestmark = pytest.mark.cluster
 
 
 def test_lifecycle_and_idempotent_close():
@@ -36,7 +39,7 @@ def test_lifecycle_and_idempotent_close():
         c.close()
     c.close()  # idempotent
     assert c.state == "closed"
-    assert not wait_no_leftovers(c.id, timeout=5)
+    assert not leftover_processes(c.id, timeout=5)
     assert not c.run_dir.exists()
 
 
@@ -225,7 +228,7 @@ def test_cli_doctor_up_status_down():
         down = subprocess.run([sys.executable, "-m", "labkit.cli", "down", info["id"]], capture_output=True, text=True)
         assert down.returncode == 0
         assert up.wait(20) == 0
-        assert not wait_no_leftovers(info["id"], timeout=5)
+        assert not leftover_processes(info["id"], timeout=5)
     finally:
         up.kill()
         up.wait()
@@ -238,7 +241,80 @@ def test_attach_to_a_running_cluster(cluster, monkeypatch):
     monkeypatch.setenv("LABKIT_ZK_HOSTS", cluster.zk_hosts)
     with attach() as remote:
         assert remote.task(add).delay(20, 22).get(timeout=20) == 42
-        assert {f"{n}@{cluster.id}" for n in cluster.workers} <= set(remote.ping(timeout=2))
+        assert set(cluster.workers) <= set(remote.ping(timeout=2))
         assert remote.zk().exists("/") is not None
-        with pytest.raises(RuntimeError, match="needs a LocalCluster"):
-            remote.kill("w1")
+        assert not hasattr(remote, "kill"), "fault injection is a LocalCluster's alone"
+    assert remote.state == Status.CLOSED
+
+
+@pytest.fixture(params=["local", "attached"])
+def client(request, cluster):
+    """The same cluster, seen as its owner and as an attached client."""
+    from labkit import attach
+
+    if request.param == "local":
+        yield cluster
+    else:
+        with attach(cluster.redis_url, cluster.zk_hosts) as remote:
+            yield remote
+
+
+def test_client_api_is_the_same_local_or_attached(client, cluster):
+    from labkit import ClusterLike
+
+    assert isinstance(client, ClusterLike)
+    assert client.task(add).delay(1, 2).get(timeout=20) == 3
+    assert client.task("welcome.add") is client.task(add)
+    with pytest.raises(KeyError, match="no task 'nope'"):
+        client.task("nope")
+    assert client.ping(timeout=2) == {name: True for name in cluster.workers}  # short names, both kinds
+    r = client.redis_client()
+    assert r.ping() and r.set("client-api", 1)
+    zk = client.zk()
+    zk.stop()  # a lost session: zk() hands out a working client again
+    assert client.zk().connected and client.zk().exists("/") is not None
+
+
+def test_a_beat_is_a_service_of_the_cluster():
+    schedule = {"tick": {"task": "welcome.add", "schedule": 0.5, "args": [1, 2]}}
+    with LocalCluster(workers=1, zookeeper=0, reuse=False, settings={"beat_schedule": schedule}) as c:
+        beat = c.add_beat()
+        assert beat.state == Status.RUNNING and beat.pid in {int(x) for x in (c.run_dir / "pgids").read_text().split()}
+        rows = {s["name"]: s for s in c.status()}
+        assert rows["beat"]["kind"] == "beat" and rows["beat"]["state"] == "running"
+        assert "beat" in c._repr_html_() and "beat" in repr(c)
+        assert poll_until(lambda: "Sending due task tick" in c.logs("beat", 50), 15), c.logs("beat")
+        with pytest.raises(ValueError, match="already exists"):
+            c.add_beat()
+        c.kill("beat")
+        assert c.service("beat").state == Status.KILLED
+        c.restart("beat")
+        assert c.service("beat").alive()
+    assert not leftover_processes(c.id, timeout=5)
+
+
+def test_every_failed_start_is_reported_not_just_the_first():
+    broken = [{"name": n, "env": {"LABKIT_INCLUDE": f"labkit.lessons.missing_{n}"}} for n in ("b1", "b2")]
+    with pytest.raises(ServiceError) as err:
+        LocalCluster(workers=broken, zookeeper=0, reuse=False, start_timeout=30)
+    text = str(err.value)
+    assert "2 services failed to start" in text and "missing_b1" in text and "missing_b2" in text
+
+
+def test_a_probe_that_raises_is_quoted_in_the_readiness_error(tmp_path):
+    from dataclasses import dataclass
+
+    from labkit.services.base import Service
+
+    @dataclass
+    class Broken(Service):
+        def command(self) -> list[str]:
+            return ["sleep", "30"]
+
+        def probe(self) -> bool:
+            raise ValueError("the probe itself is buggy")
+
+    service = Broken(name="broken", run_dir=tmp_path, cluster_id="lktest")
+    with pytest.raises(ServiceError, match="probe last raised ValueError: the probe itself is buggy"):
+        service.start(timeout=1)
+    assert not service.alive() and service.state == Status.FAILED

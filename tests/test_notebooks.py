@@ -1,29 +1,36 @@
-"""Every notebook runs clean under nbval, leaves no process behind, and is committed clean.
+"""Every notebook is committed clean, parses under papermill, and runs under nbval twice.
 
 Each notebook runs in its own ``pytest --nbval-lax`` subprocess with a cell
-timeout (without one a killed kernel can hang pytest), then the test checks
-that no process carrying labkit's mark survives it.
+timeout (without one a killed kernel can hang pytest): once at its default
+parameters, and once at its lesson's ``WORKSHOP`` parameters, injected after
+the ``parameters`` cell the way papermill does. After each run no process
+the notebook started may survive.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_no_leftovers
+
+from labkit.lessons import catalogue
+from labkit.testing import describe, leftover_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+IDS = [p.stem for p in NOTEBOOKS]
+LESSONS = catalogue()
 
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "no notebooks found in notebooks/"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_without_outputs(path: Path):
     nb = json.loads(path.read_text())
     dirty = [
@@ -33,19 +40,59 @@ def test_committed_without_outputs(path: Path):
     assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts; clear them before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, request: pytest.FixtureRequest):
-    timeout = request.config.getoption("--nb-cell-timeout")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_papermill_reads_every_parameter(path: Path, caplog: pytest.LogCaptureFixture):
+    """``papermill --help-notebook`` lists each parameter; no line of the cell is skipped with a warning."""
+    from papermill.inspection import inspect_notebook
+
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        params = inspect_notebook(str(path))
+    assert params, f"{path.name}: no `parameters`-tagged cell, or papermill found no parameter in it"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, f"{path.name}: papermill warned while reading the parameters: {warned}"
+    undocumented = [name for name, p in params.items() if not p.get("help")]
+    assert not undocumented, f"{path.name}: give these parameters a trailing comment: {undocumented}"
+
+
+def _run_nbval(path: Path, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "pytest", "--nbval-lax", f"--nbval-cell-timeout={timeout}",
         "-p", "no:cacheprovider", "-q", "--rootdir", str(path.parent), str(path),
     ]
-    proc = subprocess.run(cmd, cwd=path.parent, capture_output=True, text=True, timeout=timeout * 4 + 120)
-    left = wait_no_leftovers(timeout=10)
-    assert proc.returncode == 0, f"{path.name} failed under nbval:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    assert not left, f"{path.name} left processes running: " + ", ".join(f"{p.pid} {p.name()}" for p in left)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout * 4 + 120)
 
 
+def _check(proc: subprocess.CompletedProcess, name: str) -> None:
+    left = leftover_processes(timeout=10)
+    assert proc.returncode == 0, f"{name} failed under nbval:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert not left, f"{name} left processes running: {describe(left)}"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs(path: Path, request: pytest.FixtureRequest):
+    _check(_run_nbval(path, path.parent, request.config.getoption("--nb-cell-timeout")), path.name)
+
+
+WORKSHOP = [p for p in NOTEBOOKS if getattr(LESSONS.get(p.name), "WORKSHOP", None)]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", WORKSHOP, ids=[p.stem for p in WORKSHOP])
+def test_notebook_runs_at_workshop_parameters(path: Path, tmp_path: Path, request: pytest.FixtureRequest):
+    """The same notebook with its lesson's ``WORKSHOP`` values: thresholds must follow the parameters."""
+    import nbformat
+    from papermill.parameterize import parameterize_notebook
+
+    params = LESSONS[path.name].WORKSHOP
+    nb = parameterize_notebook(nbformat.read(path, as_version=4), params, kernel_name="python3", language="python")
+    copy = tmp_path / path.name
+    nbformat.write(nb, copy)
+    _check(_run_nbval(copy, path.parent, request.config.getoption("--nb-cell-timeout")),
+           f"{path.name} with {params}")
+
+
+@pytest.mark.notebook
 def test_a_notebook_killed_by_nbval_timeout_leaves_nothing(tmp_path: Path):
     """The trap from the pilots: nbval SIGKILLs the kernel's group, so atexit never runs."""
     import nbformat
@@ -62,5 +109,5 @@ def test_a_notebook_killed_by_nbval_timeout_leaves_nothing(tmp_path: Path):
            "-q", "--rootdir", str(tmp_path), str(path)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, "the hanging cell should have failed"
-    left = wait_no_leftovers(timeout=10)
-    assert not left, "left running after the kernel was killed: " + ", ".join(f"{p.pid} {p.name()}" for p in left)
+    left = leftover_processes(timeout=10)
+    assert not left, f"left running after the kernel was killed: {describe(left)}"

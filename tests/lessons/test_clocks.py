@@ -17,6 +17,8 @@ from labkit import WorkerSpec
 from labkit.faketime import faketime_spec, skew_environment
 from labkit.lessons import clocks
 
+pytestmark = pytest.mark.cluster  # every test here starts real processes
+
 COUNTDOWN = 10.0
 WINDOW = 15.0
 N = 6

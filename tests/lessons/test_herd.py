@@ -15,6 +15,8 @@ import pytest
 from labkit import LocalCluster
 from labkit.lessons import herd
 
+pytestmark = pytest.mark.cluster  # every test here starts real processes
+
 N = 60
 CONTENDERS = 15
 HOST = {"pool": "threads", "concurrency": 32, "prefetch_multiplier": 1}

@@ -11,6 +11,8 @@ import pytest
 from labkit import LocalCluster
 from labkit.lessons import mutex
 
+pytestmark = pytest.mark.cluster  # every test here starts real processes
+
 SESSION_TIMEOUT = 1.0
 
 

@@ -7,6 +7,8 @@ import pytest
 from labkit import LocalCluster
 from labkit.lessons import races
 
+pytestmark = pytest.mark.cluster  # every test here starts real processes
+
 
 @pytest.fixture(scope="module")
 def cluster():

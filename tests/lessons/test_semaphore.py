@@ -13,6 +13,8 @@ from labkit import LocalCluster
 from labkit.lessons import semaphore
 from labkit.lessons._probe import ProbeServer
 
+pytestmark = pytest.mark.cluster  # every test here starts real processes
+
 N, LEASES = 12, 3
 HOST = {"pool": "threads", "concurrency": 12, "prefetch_multiplier": 1}
 
