@@ -691,12 +691,13 @@ def limits_hold_only_on_prefork(prefork: Measurement, others: Sequence[Measureme
 
 @claim("a hog in its own queue no longer delays short tasks")
 def own_queue_shields_short_tasks(comparison: Comparison) -> None:
-    """Before, the p95 short task waited at least half a hog; after, under a quarter of one."""
+    """Before, the p95 short task waited at least half a hog; after, under a quarter of that wait."""
     b, a = comparison.before.meta, comparison.after.meta
     verify("sharing a queue with hogs, the p95 short task waits at least half a hog's run",
            b["short_wait_p95"] >= b["hog_s"] / 2, wait_p95=b["short_wait_p95"], hog_s=b["hog_s"])
-    verify("with the hogs in their own queue, the p95 short task waits under a quarter of one",
-           a["short_wait_p95"] <= a["hog_s"] / 4, wait_p95=a["short_wait_p95"], hog_s=a["hog_s"])
+    verify("with the hogs in their own queue, the p95 short task waits under a quarter as long",
+           a["short_wait_p95"] <= b["short_wait_p95"] / 4, wait_p95=a["short_wait_p95"],
+           shared_wait_p95=b["short_wait_p95"])
     comparison.check(factor=2)
 
 

@@ -56,7 +56,7 @@ NOTEBOOK = "03_queues.ipynb"
 #: How long the autoscaler waits after the last message before it shrinks the
 #: pool (Celery reads ``AUTOSCALE_KEEPALIVE`` from the worker's environment;
 #: the default, 30 s, would not fit a notebook).
-KEEPALIVE = 2.0
+KEEPALIVE = 1.5
 
 #: Task routes for the "split" layout: Celery's own ``task_routes`` format.
 ROUTES = {"queues.long": {"queue": "long"}, "queues.short": {"queue": "short"}}
