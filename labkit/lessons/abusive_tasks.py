@@ -582,6 +582,17 @@ def call_fixed(run: str, tag: str, hang: float) -> int:
 
 
 CALLERS = {"popen": call_popen, "check_output": call_check_output, "fixed": call_fixed}
+SETTLE = 0.3  # seconds between a task's end and the count of what it left running
+
+
+def _name(process: Any) -> str:
+    """A process's name, or ``"(gone)"`` if it ended while we looked."""
+    import psutil  # noqa: PLC0415
+
+    try:
+        return process.name()
+    except psutil.Error:
+        return "(gone)"
 
 
 def external_programs(prefix: str, cluster_id: str | None = None) -> list[Any]:
@@ -612,10 +623,10 @@ def hanging(cluster: ClusterLike, *, soft: float | None = 0.5, hard: float | Non
             forms: Sequence[str] = ("popen", "check_output", "fixed")) -> dict[str, Measurement]:
     """Each caller in ``forms`` runs :func:`hanging_command` with ``soft_time_limit=soft`` (and ``time_limit=hard``).
 
-    After each task has ended, the processes it started that are still
-    running are counted (by their environment mark), named, then killed —
-    the lesson cleans up after its own before. Value: how many survived the
-    task.
+    ``SETTLE`` seconds after each task has ended, the processes it started
+    that are still running are counted (by their environment mark), named,
+    then killed — the lesson cleans up after its own before. Value: how many
+    survived the task.
     """
     import psutil  # noqa: PLC0415
 
@@ -629,8 +640,11 @@ def hanging(cluster: ClusterLike, *, soft: float | None = 0.5, hard: float | Non
                                                       time_limit=hard)
         state, exc = _outcome(res, 30 + 3 * min(x for x in (soft, hard, hang) if x))
         ended = time.time() - t0
+        # After a hard limit the caller hears of the failure before the pool process has finished
+        # dying (its `finally` may still be running): give whatever is ending a moment to end.
+        time.sleep(SETTLE)
         survivors = external_programs(f"{run}/", cluster.id)
-        names = sorted(p.name() for p in survivors)
+        names = sorted(_name(p) for p in survivors)
         for p in survivors:  # we started them; we end them (a killed child of a pool process stays a zombie
             with contextlib.suppress(psutil.Error):  # until that process reaps it: harmless, and not counted)
                 p.kill()
