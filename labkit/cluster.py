@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .app import lesson_modules, make_app
+from .app import lesson_modules, make_app, merge_settings
 from .client import AttachedCluster, ClusterClient, attach
 from .poll import poll_until
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
@@ -168,7 +168,7 @@ class LocalCluster(ClusterClient):
             self.sentinel = sentinel_group(self.redis, self.run_dir, self.id)
             for s in self.sentinel.services:
                 s.on_spawn = self._record
-            self.settings = {**self.sentinel.settings(), **self.settings}
+            self.settings = merge_settings(self.sentinel.settings(), self.settings)
         self.relays: dict[str, RelayService] = {}
         self.zookeepers: list[ZooKeeperService] = (
             ensemble(zookeeper, self.run_dir, self.id) if zookeeper else []

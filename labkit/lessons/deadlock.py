@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import chain, chord, shared_task
 
 from labkit.app import redis_client, zk_client
-from labkit.client import ClusterLike
 from labkit.measure import Comparison, Measurement, claim, verify
 from labkit.poll import poll_until
+
+if TYPE_CHECKING:  # pragma: no cover - workers import this module and do not need it
+    from labkit.client import ClusterLike
 
 NOTEBOOK = "15_deadlock.ipynb"
 POOL = 2  # the worker's prefork pool size: how many tasks run at once
