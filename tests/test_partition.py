@@ -137,3 +137,20 @@ def test_sentinel_promotes_the_replica_and_clients_follow():
         assert c.task(welcome.add).delay(2, 3).get(timeout=30) == 5  # the worker followed too
         assert poll_until(lambda: kept.ping(), 10)
     assert_no_leftovers(c.id, what="a sentinel cluster")
+
+
+def test_sentinel_group_config_and_urls(tmp_path):
+    from labkit.services.redis import RedisService
+    from labkit.services.sentinel import sentinel_group
+
+    primary = RedisService(name="redis", run_dir=tmp_path, port=6390)
+    group = sentinel_group(primary, tmp_path, "lkt")
+    assert [s.name for s in group.services] == ["replica", "sentinel1", "sentinel2", "sentinel3"]
+    assert group.replica.command()[-3:] == ["--replicaof", "127.0.0.1", "6390"]
+    assert group.url.count("sentinel://127.0.0.1:") == 3 and group.url.count(";") == 2
+    assert group.settings()["broker_transport_options"] == {"master_name": "labkit"}
+    s1 = group.sentinels[0]
+    s1.prepare()
+    conf = s1.config_path.read_text()
+    assert "sentinel monitor labkit 127.0.0.1 6390 2" in conf and "bind 127.0.0.1" in conf
+    assert s1.command()[-1] == "--sentinel"

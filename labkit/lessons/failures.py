@@ -443,7 +443,7 @@ def visibility(cluster: LocalCluster, *, task_s: float = 2 * VT, countdown_s: fl
         "countdown": cluster.task(effect).apply_async((run, "countdown", 0.1), countdown=countdown_s),
     }
     poll_until(lambda: all(r.ready() for r in sent.values()), task_s + countdown_s + 30, 0.1)
-    _settled(cluster, run, grace=VT + 1.0, timeout=task_s + 3 * VT + 30)
+    _settled(cluster, run, grace=1.0, timeout=task_s + 3 * VT + 30)
     starts, effects = _counts(cluster, run, "starts"), _counts(cluster, run, "effects")
     prefix = label or f"visibility_timeout={vt:g} s"
     what = {"long": f"task of {task_s:g} s", "idempotent": f"idempotent task of {task_s:g} s",
@@ -469,7 +469,7 @@ def effects_once(m: Measurement) -> None:
 
 
 # ----------------------------------------------------------------------------- partition
-def partition(cluster: LocalCluster, *, task_s: float = 0.5, cut_s: float = VT + 2.0,
+def partition(cluster: LocalCluster, *, task_s: float = 0.5, cut_s: float = VT + 1.2,
               worker: str = "w3") -> dict[str, Measurement]:
     """Cut ``worker`` off from Redis while it runs a late-acked task (plain and idempotent); heal after ``cut_s``.
 
@@ -505,7 +505,7 @@ def partition(cluster: LocalCluster, *, task_s: float = 0.5, cut_s: float = VT +
 
 
 # ----------------------------------------------------------------------------- eliminate: Sentinel
-def failover(cluster: LocalCluster, *, window_s: float = 4.0, rate_hz: float = 20.0,
+def failover(cluster: LocalCluster, *, window_s: float = 6.0, rate_hz: float = 10.0,
              lead_s: float = 0.5) -> Measurement:
     """Publish a steady stream, SIGKILL the Redis primary, keep publishing for ``window_s``.
 

@@ -16,7 +16,7 @@ from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster
 
-VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S = 2, 1.0, 100, 1.0, 3.0
+VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S, FAILOVER_S = 2, 1.0, 100, 1.0, 2.0, 6.0
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def hardened():
     with LocalCluster(**failures.HA, reuse=False) as ha:
         yield {
             "vt": failures.visibility(ha),
-            "failover": failures.failover(ha, window_s=WINDOW_S),
+            "failover": failures.failover(ha, window_s=FAILOVER_S),
             "one_down": failures.lock_service(ha, kill=1, window_s=WINDOW_S),
             "two_down": failures.lock_service(ha, kill=1, window_s=WINDOW_S),
         }
