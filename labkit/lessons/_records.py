@@ -73,11 +73,11 @@ def stranded_capacity(records: Sequence[dict[str, Any]], slots: dict[str, int]) 
     ``slots`` maps each worker to its pool size. A task waits from ``sent``
     to ``start`` — in Redis, or in a worker's prefetch buffer after
     ``received``. An idle process of worker V is stranded while some task
-    waits that is *not* already held by V (a task V holds is on its way to
-    V's own free process: a hand-off of milliseconds, not waste). At each
-    moment this adds ``min(idle processes of V, tasks waiting outside V)``
-    over the workers (at most the number of waiting tasks) and integrates
-    over the run. Nothing here knows which queue a worker consumes: capacity
+    waits that V does not hold, unless a task V holds is already on its way
+    to it (a hand-off of milliseconds, not waste). At each moment this adds
+    ``min(idle processes of V not about to get a held task, tasks waiting
+    outside V)`` over the workers (at most the number of waiting tasks) and
+    integrates over the run. Nothing here knows which queue a worker consumes: capacity
     a queue layout forbids a worker to lend counts too.
     """
     # (time, kind, worker), in the order things happen to one task: 0 end (a process is free at once),
@@ -93,7 +93,10 @@ def stranded_capacity(records: Sequence[dict[str, Any]], slots: dict[str, int]) 
     running = dict.fromkeys(slots, 0)
     for t, what, worker in events:
         if last is not None and waiting > 0:
-            lendable = sum(min(max(0, slots[w] - running[w]), waiting - held[w]) for w in slots)
+            # a process is stranded if it is idle with nothing of its own on the way (held tasks go to
+            # idle processes first) while a task it could have taken waits elsewhere
+            free = {w: max(0, slots[w] - running[w] - held[w]) for w in slots}
+            lendable = sum(min(free[w], waiting - held[w]) for w in slots)
             total += min(waiting, lendable) * (t - last)
         last = t
         if what == 1:

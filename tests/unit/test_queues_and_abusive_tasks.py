@@ -149,3 +149,11 @@ def test_a_hand_off_to_the_workers_own_free_process_is_not_waste():
     # the same task in Redis (never received) while w idles is stranded capacity
     records[1]["received"] = None
     assert rec.stranded_capacity(records, {"w": 1}) == pytest.approx(0.05)
+
+
+def test_a_hand_off_with_a_backlog_in_redis_is_not_waste_either():
+    # w (1 process) holds s0 while L0 runs; s1 waits in Redis. When L0 ends, the process takes s0
+    # 50 ms later: during that gap it is idle, s1 waits, but the process is already spoken for
+    records = [task("L0", "w", 0, 0, 1, received=0), task("s0", "w", 0, 1.05, 1.1, received=0),
+               task("s1", "w", 0, 1.1, 1.2, received=1.1)]
+    assert rec.stranded_capacity(records, {"w": 1}) == 0
