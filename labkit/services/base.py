@@ -177,8 +177,9 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     pdeathsig: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen:
-    """Start ``command`` in a new session, output appended to ``log``."""
+    """Start ``command`` in a new session, output appended to ``log`` (``pass_fds`` stay open in it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
 
     def _start() -> subprocess.Popen:
@@ -193,6 +194,7 @@ def spawn(
                 start_new_session=True,
                 preexec_fn=_preexec_pdeathsig if pdeathsig else None,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
 
     return _spawner.call(_start)
@@ -276,17 +278,26 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def full_environment(self) -> dict[str, str]:
+        """The whole environment the process starts with: ours, its own variables, the cluster mark."""
+        env = dict(os.environ)
+        env.update(self.environment())
+        env[ENV_MARK] = self.cluster_id or "-"
+        return env
+
+    def launch(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """Start the process (fork + exec from the spawner thread); a subclass may start it otherwise."""
+        return spawn(command, log=self.log_path, env=env, cwd=self.run_dir)
+
     def spawn(self) -> None:
         """Fork the process (returns at once; call :meth:`wait_ready` next)."""
         if self.alive():
             return
         self.prepare()
-        env = dict(os.environ)
-        env.update(self.environment())
-        env[ENV_MARK] = self.cluster_id or "-"
+        env = self.full_environment()
         cmd = self.command()
         try:
-            self.proc = spawn(cmd, log=self.log_path, env=env, cwd=self.run_dir)
+            self.proc = self.launch(cmd, env)
         except FileNotFoundError as exc:
             raise ServiceError(
                 self.name, f"cannot execute {cmd[0]!r}: {exc.strerror}", command=cmd,
