@@ -179,12 +179,10 @@ class ZooKeeperService(Service):
         return [
             self.java or "java",
             f"-Xmx{self.heap_mb}m",
-            # start-up CPU of a tiny server (bench/zookeeper_jvm.py measures each): one GC thread, the C1
-            # compiler only and one compiler thread, no perf-data file, classes mapped from an AppCDS archive
+            # start-up CPU of a tiny server (bench/zookeeper_jvm.py measures each flag): one GC thread,
+            # the C1 compiler only, classes mapped from an AppCDS archive (services/class_archive.py)
             "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1",
-            "-XX:CICompilerCount=1",
-            "-XX:-UsePerfData",
             *self.jvm_cds,
             "-Dzookeeper.admin.enableServer=false",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
