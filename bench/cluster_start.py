@@ -14,7 +14,9 @@ Prints, with the machine and its load average:
 
 ``--compare`` repeats the cluster figures with ``LABKIT_PRELOAD=0`` (every
 worker a fresh interpreter, as before the preloaded launcher), interleaved
-with the rest. Not run in CI: it prints figures, it does not assert them.
+with the rest; ``--lessons`` adds cold starts of the biggest lesson clusters
+(03: eleven workers, 09: six). Not run in CI: it prints figures, it does not
+assert them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def cluster_start(ready: dict[str, list[float]]) -> float:
     for row in c.status():
         if row["ready_s"] is not None:
             ready[row["name"]].append(row["ready_s"])
+    c.close()
+    return elapsed
+
+
+def lesson_start(config: dict) -> float:
+    t0 = time.perf_counter()
+    c = LocalCluster(**config, reuse=False)
+    elapsed = time.perf_counter() - t0
     c.close()
     return elapsed
 
@@ -118,6 +128,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--compare", action="store_true",
                         help="also measure with LABKIT_PRELOAD=0 (every worker a fresh interpreter)")
+    parser.add_argument("--lessons", action="store_true", help="also start lesson 03's and 09's clusters")
     args = parser.parse_args()
     modes = [True, False] if args.compare else [True]
     print(f"machine: {machine()}")
@@ -136,6 +147,16 @@ def main() -> None:
     for mode in modes:
         with preload(mode):
             restart[mode], add[mode] = restarts_and_adds(args.runs)
+    lessons: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    if args.lessons:
+        from labkit.lessons import abusive_tasks, queues  # noqa: PLC0415
+
+        configs = {"03 queues (11 workers)": queues.CLUSTER, "09 abusive tasks (6 workers)": abusive_tasks.CLUSTER}
+        for _ in range(args.runs):
+            for name, config in configs.items():
+                for mode in modes:
+                    with preload(mode):
+                        lessons[(name, mode)].append(lesson_start(config))
     print(f"load average at end   (1, 5, 15 min): {load()}")
     print()
     for mode in modes:
@@ -151,6 +172,9 @@ def main() -> None:
         label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
         print(summary(f'restart("w1") to ready{label}', restart[mode]))
         print(summary(f"add_worker() to ready{label}", add[mode]))
+    for (name, mode), samples in lessons.items():
+        label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
+        print(summary(f"lesson {name}{label}", samples))
 
 
 if __name__ == "__main__":

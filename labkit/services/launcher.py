@@ -214,38 +214,42 @@ class _Connection:
         self.thread.start()
 
     def _read(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            message = json.loads(data)
-            op = message.get("op")
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(1 << 20)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self._handle(json.loads(data))
+        finally:  # the launcher is gone (or spoke nonsense): nobody will answer or report exits any more
             with self.lock:
-                if op == "hello":
-                    self.hello = message
-                elif op == "forked":
-                    request = self.pending.pop(message["id"], None)
-                    if request is None:
-                        continue
-                    if "pid" in message:
-                        request.process = ForkedProcess(message["pid"], request.args, self)
-                        self.live[message["pid"]] = request.process
-                    else:
-                        request.error = message.get("error", "unknown error")
+                self.lost = True
+                for request in self.pending.values():
+                    request.error = "the launcher exited before it answered"
                     request.done.set()
-                elif op == "exit":
-                    process = self.live.pop(message["pid"], None)
-                    if process is not None:
-                        process._set_exit(message["code"])
+                self.pending.clear()
+
+    def _handle(self, message: dict) -> None:
+        op = message.get("op")
         with self.lock:
-            self.lost = True
-            for request in self.pending.values():
-                request.error = "the launcher exited before it answered"
+            if op == "hello":
+                self.hello = message
+            elif op == "forked":
+                request = self.pending.pop(message["id"], None)
+                if request is None:
+                    return
+                if "pid" in message:
+                    request.process = ForkedProcess(message["pid"], request.args, self)
+                    self.live[message["pid"]] = request.process
+                else:
+                    request.error = message.get("error", "unknown error")
                 request.done.set()
-            self.pending.clear()
+            elif op == "exit":  # in order after "forked" on the one stream, so a reused pid cannot confuse it
+                process = self.live.pop(message["pid"], None)
+                if process is not None:
+                    process._set_exit(message["code"])
 
     def fork(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path, timeout: float) -> _Request:
         request = _Request(list(argv))
