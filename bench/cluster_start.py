@@ -86,19 +86,27 @@ def bare_worker_start(broker: LocalCluster) -> float:
         proc.wait()
 
 
-def restarts_and_adds(runs: int) -> tuple[list[float], list[float]]:
-    """``restart("w1")`` and ``add_worker()`` (then ``remove_worker``), each ``runs`` times, alternating."""
-    restart, add = [], []
+def restarts_and_adds(runs: int) -> dict[str, list[float]]:
+    """``restart("w1")`` of a live worker, of a killed one, and ``add_worker()``: ``runs`` times each, in turn.
+
+    A live worker's restart is its cold shutdown (Celery's, at SIGQUIT) plus a start; after ``kill("w1")``
+    (SIGKILL, what lessons do before they restart a worker) it is the start alone.
+    """
+    out: dict[str, list[float]] = defaultdict(list)
     with LocalCluster(workers=2, zookeeper=1, reuse=False) as c:
         for _ in range(runs):
             t0 = time.perf_counter()
             c.restart("w1")
-            restart.append(time.perf_counter() - t0)
+            out["restart"].append(time.perf_counter() - t0)
+            c.kill("w1")
+            t0 = time.perf_counter()
+            c.restart("w1")
+            out["restart_killed"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             worker = c.add_worker()
-            add.append(time.perf_counter() - t0)
+            out["add"].append(time.perf_counter() - t0)
             c.remove_worker(worker.name)
-    return restart, add
+    return out
 
 
 def machine() -> str:
@@ -136,8 +144,7 @@ def main() -> None:
     full: dict[bool, list[float]] = defaultdict(list)
     ready: dict[bool, dict[str, list[float]]] = {m: defaultdict(list) for m in modes}
     bare: list[float] = []
-    restart: dict[bool, list[float]] = {}
-    add: dict[bool, list[float]] = {}
+    again: dict[bool, dict[str, list[float]]] = {}
     with LocalCluster(workers=0, zookeeper=0, reuse=False) as broker:
         for _ in range(args.runs):
             for mode in modes:
@@ -146,7 +153,7 @@ def main() -> None:
             bare.append(bare_worker_start(broker))
     for mode in modes:
         with preload(mode):
-            restart[mode], add[mode] = restarts_and_adds(args.runs)
+            again[mode] = restarts_and_adds(args.runs)
     lessons: dict[tuple[str, bool], list[float]] = defaultdict(list)
     if args.lessons:
         from labkit.lessons import abusive_tasks, queues  # noqa: PLC0415
@@ -170,8 +177,9 @@ def main() -> None:
         print(f"ratio cluster / bare worker{label}: {statistics.median(full[mode]) / statistics.median(bare):.2f}")
     for mode in modes:
         label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
-        print(summary(f'restart("w1") to ready{label}', restart[mode]))
-        print(summary(f"add_worker() to ready{label}", add[mode]))
+        print(summary(f'restart("w1") to ready{label}', again[mode]["restart"]))
+        print(summary(f'kill("w1"), then restart("w1") to ready{label}', again[mode]["restart_killed"]))
+        print(summary(f"add_worker() to ready{label}", again[mode]["add"]))
     for (name, mode), samples in lessons.items():
         label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
         print(summary(f"lesson {name}{label}", samples))
