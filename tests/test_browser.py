@@ -1,0 +1,238 @@
+"""The notebooks in a real browser: JupyterLab on loopback, headless Chromium driven by Playwright.
+
+nbval proves the code runs; this proves what a learner *sees*: every cell of
+``00_welcome`` and of ``99_playground`` (the most widget-heavy notebook) run
+through JupyterLab's UI ("Run All Cells"), then
+
+* no cell shows an error output;
+* every plot the kernel sent (``image/png``) is an ``<img>`` the browser decoded;
+* every widget the kernel sent is a rendered widget, not its text fallback;
+* a dialog JupyterLab raises (a kernel choice, a restart) is answered.
+
+The browser is the system's Chromium (``chromium`` Debian package, installed by
+``scripts/system-deps.sh``); Playwright never downloads one. JupyterLab serves a
+copy of the notebooks from the test's tmp dir (the committed ones stay clean),
+with its own settings, workspaces and runtime dirs. Server and browser run in
+their own process groups, are killed in ``finally``, and a leak check scans for
+every process that inherited this test's mark. On failure, screenshots are kept
+under the test's tmp dir and the message gives their path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from labkit.services.base import free_port
+
+pytestmark = pytest.mark.notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ["00_welcome.ipynb", "99_playground.ipynb"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MARK = "LABKIT_BROWSER_TEST"
+RUN_TIMEOUT_S = 150  # one notebook, every cell; the notebooks' own target is well under a minute
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "no chromium on PATH: run `make setup` (scripts/system-deps.sh installs the chromium package)"
+    return path
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and p.environ().get(MARK) == mark:
+                out.append(p)
+    return out
+
+
+def start_lab(root: Path, port: int, token: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}",
+           "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+           f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True", "--LabApp.expose_app_in_browser=True",
+           f"--LabApp.user_settings_dir={root.parent / 'lab-settings'}",
+           f"--LabApp.workspaces_dir={root.parent / 'lab-workspaces'}"]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_lab(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"JupyterLab exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"JupyterLab did not answer {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the group (JupyterLab shuts its kernels down), then SIGKILL what is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+# What the notebook model and the page hold, read in the page (window.jupyterapp is exposed).
+MODEL_JS = """() => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  const out = {code: 0, executed: 0, running: 0, errors: [], images: 0, widgets: 0};
+  for (const cell of panel.content.widgets) {
+    if (cell.model.type !== 'code') continue;
+    out.code += 1;
+    if (cell.model.executionCount) out.executed += 1;
+    if (cell.promptNode && cell.promptNode.textContent.includes('*')) out.running += 1;
+    const outputs = cell.model.outputs;
+    for (let i = 0; i < outputs.length; i++) {
+      const o = outputs.get(i).toJSON();
+      if (o.output_type === 'error') out.errors.push(o.ename + ': ' + o.evalue);
+      const data = o.data || {};
+      if (data['image/png']) out.images += 1;
+      if (data['application/vnd.jupyter.widget-view+json']) out.widgets += 1;
+    }
+  }
+  const imgs = [...panel.node.querySelectorAll('.jp-OutputArea-output img')];
+  out.rendered_images = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  out.rendered_widgets = panel.node.querySelectorAll('.jp-OutputArea-output .jupyter-widgets.widget-container, '
+    + '.jp-OutputArea-output .jupyter-widgets.widget-inline-hbox, .jp-OutputArea-output .jupyter-widgets.widget-box').length;
+  const text = panel.node.innerText;
+  out.fallbacks = ['Error displaying widget', 'Loading widget...', 'VBox(children=', 'HBox(children=']
+    .filter(t => text.includes(t));
+  out.kernel = panel.sessionContext.session ? panel.sessionContext.session.kernel.status : 'none';
+  return out;
+}"""
+
+
+def answer_dialogs(page, seen: list[str]) -> None:
+    """Accept any JupyterLab dialog (kernel choice, restart) and remember what it asked."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count():
+        seen.append(dialog.first.inner_text()[:200])
+        page.locator(".jp-Dialog .jp-mod-accept").first.click()
+
+
+def run_all(page, base: str, name: str, shots: Path, dialogs: list[str]) -> dict:
+    page.goto(f"{base}/lab/tree/{name}", wait_until="domcontentloaded")
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                           "&& window.jupyterapp.shell.currentWidget.content", timeout=60_000)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the kernel starts (or a dialog asks which one)
+        answer_dialogs(page, dialogs)
+        if page.evaluate("() => { const p = window.jupyterapp.shell.currentWidget; "
+                         "return !!(p.sessionContext.session && p.sessionContext.session.kernel "
+                         "&& p.sessionContext.session.kernel.status === 'idle'); }"):
+            break
+        time.sleep(0.3)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    state: dict = {}
+    while time.monotonic() < deadline:
+        answer_dialogs(page, dialogs)
+        state = page.evaluate(MODEL_JS)
+        if state["errors"] or (state["executed"] == state["code"] and not state["running"]
+                               and state["kernel"] == "idle"):
+            break
+        time.sleep(0.5)
+    # images decode and widget views render asynchronously after the last output arrives
+    with contextlib.suppress(Exception):
+        page.wait_for_function(f"() => ({MODEL_JS})().rendered_images >= ({MODEL_JS})().images", timeout=15_000)
+    state = page.evaluate(MODEL_JS)
+    page.screenshot(path=str(shots / f"{Path(name).stem}.png"), full_page=True)
+    return state
+
+
+def test_notebooks_run_in_jupyterlab_in_a_real_browser(tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    browser_path = chromium()
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, **{MARK: mark}, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+               PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD="1")
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    for name in NOTEBOOKS:
+        shutil.copy(ROOT / "notebooks" / name, root / name)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    port, token = free_port(), uuid.uuid4().hex
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "jupyterlab.log"
+    lab = start_lab(root, port, token, env, log)
+    old_mark = os.environ.get(MARK)
+    os.environ[MARK] = mark  # the Playwright driver and Chromium inherit it, so the leak check finds them
+    pw = context = None
+    results: dict[str, dict] = {}
+    dialogs: list[str] = []
+    try:
+        wait_for_lab(lab, f"{base}/api/status?token={token}", log)
+        pw = sync_playwright().start()
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=browser_path, headless=True,
+            args=CHROMIUM_FLAGS, env=env, viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(f"{base}/lab?token={token}", wait_until="domcontentloaded")  # sets the auth cookie
+        for name in NOTEBOOKS:
+            results[name] = run_all(page, base, name, shots, dialogs)
+        problems = []
+        for name, s in results.items():
+            if s.get("errors"):
+                problems.append(f"{name}: error outputs {s['errors']}")
+            if s.get("executed") != s.get("code"):
+                problems.append(f"{name}: {s.get('executed')} of {s.get('code')} code cells ran")
+            if s.get("rendered_images", 0) < s.get("images", 0) or not s.get("images"):
+                problems.append(f"{name}: {s.get('images')} plot(s) sent, {s.get('rendered_images')} shown as images")
+            if s.get("fallbacks") or s.get("rendered_widgets", 0) < (1 if s.get("widgets") else 0):
+                problems.append(f"{name}: {s.get('widgets')} widget output(s), {s.get('rendered_widgets')} rendered, "
+                                f"text fallbacks on the page: {s.get('fallbacks')}")
+        assert results["99_playground.ipynb"].get("widgets"), "the playground sent no widget: nothing was checked"
+        assert not problems, "; ".join(problems) + f"\n(dialogs answered: {dialogs}; screenshots in {shots})"
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            if context is not None:
+                for i, p in enumerate(context.pages):
+                    p.screenshot(path=str(shots / f"failure-{i}.png"), full_page=True)
+        if isinstance(exc, AssertionError):
+            raise AssertionError(f"{exc}\nscreenshots: {shots}\nJupyterLab log: {log}") from None
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            if context is not None:
+                context.close()
+        with contextlib.suppress(Exception):
+            if pw is not None:
+                pw.stop()
+        stop_group(lab)
+        if old_mark is None:
+            os.environ.pop(MARK, None)
+        else:
+            os.environ[MARK] = old_mark
+        # the kernels' clusters go down with their kernels (guard); give them a few seconds
+        deadline = time.monotonic() + 20
+        while marked(mark) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        left = marked(mark)
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not left, f"left running after the browser test: {[(p.pid, p.name()) for p in left]}"
