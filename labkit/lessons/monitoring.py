@@ -54,7 +54,7 @@ CLUSTER = {
     "zookeeper": 0,
     "events": True,
 }
-WORKSHOP = {"N": 800, "REPEATS": 5, "FLOOD": 400, "THRESHOLD": 200, "WORKLOAD": 400}
+WORKSHOP = {"N": 500, "BURST": 400, "FLOOD": 400, "THRESHOLD": 200, "WORKLOAD": 300}
 
 
 # ----------------------------------------------------------------------------- tasks
