@@ -344,12 +344,14 @@ class LocalCluster(ClusterClient):
             return
         self.state = Status.CLOSING
         self._close_clients()
-        ordered = [*self.flowers.values(), *self.beats.values(), *self.workers.values(), *self.zookeepers,
-                   self.redis]
-        for s in ordered:
-            s.terminate()
-        for s in ordered:
-            s.finish()
+        # clients of the broker first, the broker last: a worker that sends heartbeats publishes
+        # worker-offline on its way out, and hangs until SIGKILL if Redis is already gone
+        for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
+                      [*self.zookeepers, self.redis]):
+            for s in group:
+                s.terminate()
+            for s in group:
+                s.finish()
         if self._guard is not None and self._guard.poll() is None:
             self._guard.terminate()
             with contextlib.suppress(Exception):

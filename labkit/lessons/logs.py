@@ -56,6 +56,7 @@ from celery.utils.log import get_task_logger
 
 from labkit.app import redis_client
 from labkit.measure import Measurement, claim, verify
+from labkit.poll import poll_until
 from labkit.table import Table
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -283,8 +284,14 @@ def before(cluster: LocalCluster, *, requests: int = 8, pause: float = 0.05, tim
     """
     offsets = _file_offsets(cluster)
     sent = _send_requests(cluster, True, requests, pause, timeout)
-    time.sleep(0.2)  # the last lines may still be in a pipe on their way to the file
-    lines = [x for x in read_worker_logs(cluster, offsets) if x["msg"].startswith("hop ")]
+    expected = {m for s in sent for m in s["truth"]}
+
+    def all_lines() -> list[dict] | None:  # written before each task returned; read until all are there
+        found = [x for x in read_worker_logs(cluster, offsets) if x["msg"].startswith("hop ")]
+        return found if expected <= {x["msg"] for x in found} else None
+
+    lines = poll_until(all_lines, 5.0, 0.05) or [x for x in read_worker_logs(cluster, offsets)
+                                                 if x["msg"].startswith("hop ")]
     where = {x["msg"]: x for x in lines}
     right_clock = {f"{name}.log" for name, w in cluster.workers.items() if not w.spec.clock_offset}
     errors, disorder, foreign_total, missed_total = [], [], 0, 0
@@ -345,8 +352,7 @@ def after(cluster: LocalCluster, *, requests: int = 8, pause: float = 0.05, time
     """
     fetch_records(cluster)  # start from an empty list
     sent = _send_requests(cluster, False, requests, pause, timeout)
-    time.sleep(0.2)
-    records = fetch_records(cluster)
+    records = fetch_records(cluster)  # each hop shipped its lines before it returned
     errors, disorder, by_time = [], [], []
     for s in sent:
         truth, found = s["truth"], trace(records, s["root_id"])
@@ -430,12 +436,18 @@ def error_reports(cluster: LocalCluster, *, bad: int = 6, crashes: int = 1, time
     for job in jobs:
         job.get(timeout=timeout, propagate=False)
     failed = {j.id: j for j in jobs if j.state == "FAILURE"}
-    time.sleep(0.3)  # the main process reports a lost child after it has noticed
+
+    def central_has_all() -> bool:
+        # a task's result turns FAILURE before its handlers run (on_failure, then the signal):
+        # once the signal's report is in, everything that was going to report it has
+        ids = {json.loads(x)["task_id"] for x in r.lrange(ERROR_KEY, 0, -1)}
+        return set(failed) <= ids
+
+    poll_until(central_has_all, 15.0, 0.05)
     mail = [json.loads(x) for x in r.lrange(MAIL_KEY, 0, -1)]
     central = [json.loads(x) for x in r.lrange(ERROR_KEY, 0, -1)]
     r.delete(MAIL_KEY, ERROR_KEY)
     r.close()
-    time.sleep(0.2)
     logs = read_worker_logs(cluster, offsets)
     scattered = sorted({x["file"] for x in logs if x["level"] == "ERROR"})
     kinds = {j.id: "crash" if "WorkerLostError" in repr(j.result) else

@@ -64,6 +64,12 @@ def noop(counter: str) -> None:
     redis_client().incr(counter)
 
 
+@shared_task(name="monitoring.hold", ignore_result=True)
+def hold(gate: str, timeout: float = 60.0) -> None:
+    """Run until the kernel opens ``gate`` (an item pushed to a Redis list), or ``timeout``."""
+    redis_client().blpop(gate, timeout=timeout)
+
+
 @shared_task(name="monitoring.work")
 def work(seconds: float = 0.0, fail: bool = False, customer: str = "") -> float:
     """A task of the mixed workload: sleeps, sometimes fails (its arguments are what Flower shows)."""
@@ -127,13 +133,13 @@ def overhead_percent(measurements: dict[str, Measurement]) -> float:
 
 
 # ----------------------------------------------------------------------------- pub/sub
-def pubsub(cluster: ClusterLike, *, n: int = 200, running: int = 2, hold: float = 1.5,
-           timeout: float = 30.0) -> dict[str, Measurement]:
+def pubsub(cluster: ClusterLike, *, n: int = 200, running: int = 2, timeout: float = 30.0
+           ) -> dict[str, Measurement]:
     """Events of a burst seen by a monitor listening before it vs one started after it.
 
     1. An *early* monitor subscribes; ``n`` no-op tasks run on the default
        queue; we wait until every one has run.
-    2. ``running`` tasks that sleep ``hold`` seconds start.
+    2. ``running`` tasks start and wait for a gate we open at the end.
     3. A *late* monitor subscribes. Both monitors are asked what is running
        now (``State``), and so are the workers (``inspect().active()``).
 
@@ -144,6 +150,7 @@ def pubsub(cluster: ClusterLike, *, n: int = 200, running: int = 2, hold: float 
 
     r = cluster.redis_client()
     counter = f"monitoring:burst:{uuid.uuid4().hex[:8]}"
+    gate = f"monitoring:gate:{uuid.uuid4().hex[:8]}"
     per_task = {"early": Counter(), "late": Counter()}
 
     def counting(key: str):
@@ -165,8 +172,7 @@ def pubsub(cluster: ClusterLike, *, n: int = 200, running: int = 2, hold: float 
 
         # the last events are still on their way when the counter says done
         poll_until(lambda: burst_events(early) >= 3 * n, 5.0, 0.02)
-        sleepers = [cluster.task(work).delay(hold) for _ in range(running)]
-        sleeper_ids = {s.id for s in sleepers}
+        sleeper_ids = {cluster.task(hold).delay(gate, timeout).id for _ in range(running)}
 
         def running_in(monitor) -> set[str]:
             with monitor.lock:
@@ -174,13 +180,16 @@ def pubsub(cluster: ClusterLike, *, n: int = 200, running: int = 2, hold: float 
 
         poll_until(lambda: len(running_in(early)) >= running, timeout, 0.02, what=f"{running} tasks to start")
         late.start()
-        truth = {t["id"] for ts in (cluster.app.control.inspect(timeout=1.0).active() or {}).values()
-                 for t in ts} & sleeper_ids
+
+        def active() -> set[str]:  # a worker slow to answer one broadcast answers the next
+            replies = cluster.app.control.inspect(timeout=0.5).active() or {}
+            return {t["id"] for ts in replies.values() for t in ts} & sleeper_ids
+
+        truth = poll_until(lambda: (found := active()) >= sleeper_ids and found, timeout, 0) or set()
         seen = {"early": running_in(early), "late": running_in(late)}
         counts = {"early": burst_events(early), "late": burst_events(late)}
-        for s in sleepers:
-            s.get(timeout=timeout)
     finally:
+        r.rpush(gate, *[1] * running)  # let the waiting tasks finish
         early.stop()
         late.stop()
         r.delete(counter)
