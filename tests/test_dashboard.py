@@ -223,3 +223,51 @@ def test_flower_is_a_service_of_the_cluster(cluster):
     import psutil
 
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+KERNEL_CODE = textwrap.dedent("""
+    import threading, time
+    from IPython.display import display
+    from labkit import LocalCluster
+    from labkit.lessons import monitoring
+    c = LocalCluster(workers=1, zookeeper=0, events=True, reuse=False)
+    d = c.dashboard(interval=0.2)
+    display(d)
+    for i in range(20):
+        c.task(monitoring.work).delay(0.0).get(timeout=30)
+    time.sleep(1.0)
+    print("renders", d.renders, "error", repr(d.render_error))
+    c.close()
+    print("threads", [t.name for t in threading.enumerate() if t.name.startswith("labkit-dashboard")])
+""")
+
+
+def test_the_widget_view_updates_itself_through_a_real_kernel():
+    """What a front end receives: the widget's model, then updates sent by the render thread."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    messages = []
+    try:
+        msg_id = kc.execute(KERNEL_CODE)
+        while True:
+            msg = kc.get_iopub_msg(timeout=120)
+            if msg["parent_header"].get("msg_id") != msg_id and msg["msg_type"] != "comm_msg":
+                continue
+            messages.append(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    kinds = [m["msg_type"] for m in messages]
+    assert "error" not in kinds, [m["content"] for m in messages if m["msg_type"] == "error"]
+    shown = [m["content"]["data"] for m in messages if m["msg_type"] == "display_data"]
+    assert shown and {"application/vnd.jupyter.widget-view+json", "text/html"} <= set(shown[0])
+    updates = [m["content"]["data"]["state"]["value"] for m in messages if m["msg_type"] == "comm_msg"
+               and m["content"]["data"].get("method") == "update" and "value" in m["content"]["data"]["state"]]
+    assert any("monitoring.work" in u for u in updates), f"{len(updates)} widget updates, none with the tasks"
+    assert "stopped" in updates[-1], "the last update marks the view stopped"
+    out = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+    assert "error None" in out and "threads []" in out, out
+    assert "Traceback" not in out, out
