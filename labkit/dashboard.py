@@ -3,8 +3,8 @@
 Celery workers started with ``-E`` (``LocalCluster(events=True)``) publish an
 event for every step of every task (``task-received``, ``task-started``,
 ``task-succeeded``...), and, with heartbeats on, a ``worker-heartbeat`` every
-few seconds. On Redis these are ``PUBLISH`` messages on one channel: pub/sub,
-so only a monitor that is subscribed *now* sees them.
+few seconds. On Redis these are ``PUBLISH`` messages (pub/sub): only a
+monitor that is subscribed *now* sees them; nothing is kept for later.
 
 Two pieces, each a daemon thread of this (the notebook's) process:
 
