@@ -8,6 +8,7 @@ import pytest
 
 from labkit import testing
 from labkit.lessons import monitoring
+from labkit.poll import poll_until
 
 pytestmark = pytest.mark.cluster
 
@@ -41,8 +42,14 @@ def fired(cluster):
 
 
 def test_only_the_worker_with_events_shows_up_in_the_events(cost, dashboard, cluster):
-    snap = dashboard.snapshot()
     quiet, plain = cluster.workers["quiet"].hostname, cluster.workers["plain"].hostname
+
+    def heard_all():  # the tasks count themselves before their last event is sent: wait for it
+        snap = dashboard.snapshot()
+        done = snap["workers"].get(quiet, {}).get("processed", 0) >= N * REPEATS
+        return snap if done else None
+
+    snap = poll_until(heard_all, 10, 0.05) or dashboard.snapshot()
     assert snap["workers"][quiet]["processed"] >= N * REPEATS, snap["workers"]
     assert plain not in snap["workers"], "plain runs without -E: the dashboard cannot have heard of it"
     ratios = sorted(w / wo for w, wo in zip(cost["with"].values, cost["without"].values, strict=True))
