@@ -498,10 +498,15 @@ class Dashboard:
             y = index.get(s.worker, 0) * lane_h + 2
             parts.append(f"<rect x='{x0:.1f}' y='{y}' width='{max(1.0, x1 - x0):.1f}' height='{lane_h - 5}' "
                          f"fill='{fill.get(s.state, '#8d96a3')}' opacity='0.8'/>")
-        for k in range(0, int(self.window) + 1, 5):
+        for k in range(0, int(self.window), 5):
             x = label_w + k * scale
             parts.append(f"<text x='{x:.0f}' y='{height - 3}' fill='#777'>{k - int(self.window)}s</text>")
+        parts.append(f"<text x='{width}' y='{height - 3}' fill='#777' text-anchor='end'>now</text>")
         parts.append("</svg>")
+        names = {"STARTED": "running"}
+        legend = " ".join(f"<span style='color:{c}'>&#9632;</span> {names.get(state, state.lower())}"
+                          for state, c in fill.items())
+        parts.insert(0, f"<div style='color:#555'>task runs per worker, last {self.window:g} s: {legend}</div>")
         return "".join(parts)
 
     # -- Jupyter ---------------------------------------------------------------------
