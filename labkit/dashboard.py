@@ -102,7 +102,12 @@ class EventMonitor:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         self.started_at = time.time()
-        if not self._wait_for_probe(timeout):
+        try:
+            subscribed = self._wait_for_probe(timeout)
+        except BaseException:  # no broker to publish the probe to: leave no thread behind
+            self.stop()
+            raise
+        if not subscribed:
             self.stop()
             raise TimeoutError(
                 f"event monitor: subscribed to no events within {timeout:g} s "
@@ -116,8 +121,10 @@ class EventMonitor:
             try:
                 while time.monotonic() < deadline and self.running:
                     # pub/sub: a probe published before the SUBSCRIBE is lost, so repeat it
-                    with contextlib.suppress(OSError, ConnectionError):
+                    try:
                         dispatcher.send(PROBE, token=self._token)
+                    except Exception as exc:  # the broker is not there (yet): try again until the deadline
+                        self.error = exc
                     if self._probe_seen.wait(0.1):
                         return True
             finally:

@@ -280,3 +280,16 @@ def test_the_widget_view_updates_itself_through_a_real_kernel():
     out = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
     assert "error None" in out and "threads []" in out, out
     assert "Traceback" not in out, out
+
+
+def test_a_monitor_without_a_broker_fails_clearly_and_leaves_no_thread():
+    from labkit.app import make_app
+    from labkit.dashboard import EventMonitor
+    from labkit.services.base import free_port
+
+    app = make_app(f"redis://127.0.0.1:{free_port()}/0", include=[])
+    monitor = EventMonitor(app, name="labkit-orphan-monitor")
+    with pytest.raises(TimeoutError, match=r"subscribed to no events within 2 s .*Connection refused"):
+        monitor.start(timeout=2)
+    assert not monitor.running
+    assert not [t for t in threading.enumerate() if t.name == "labkit-orphan-monitor"]
