@@ -372,8 +372,11 @@ class Dashboard:
         """``LLEN`` of every shown queue: messages waiting in Redis, not yet taken by a worker."""
         import redis  # noqa: PLC0415
 
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        from .app import redis_from_url  # noqa: PLC0415
+
+        if self._redis is None:  # redis:// or sentinel:// (then it follows the current primary)
+            master = self.app.conf.broker_transport_options.get("master_name")
+            self._redis = redis_from_url(self.redis_url, master, socket_timeout=2, socket_connect_timeout=2)
         try:
             pipe = self._redis.pipeline(transaction=False)
             names = self.queues()

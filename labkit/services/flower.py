@@ -33,7 +33,6 @@ import secrets
 import sys
 import urllib.request
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import psutil
 
@@ -98,12 +97,11 @@ class FlowerService(CeleryService):
 
     def subscribed(self) -> bool:
         """True when a Redis connection of this process is subscribed (Flower receives events)."""
-        import redis  # noqa: PLC0415
+        from ..app import redis_from_url  # noqa: PLC0415
 
-        redis_port = urlparse(self.redis_url).port
-        ports = {c.laddr.port for c in psutil.Process(self.pid).net_connections("tcp")
-                 if c.raddr and c.raddr.port == redis_port}
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        ports = {c.laddr.port for c in psutil.Process(self.pid).net_connections("tcp") if c.raddr}
+        master = self.settings.get("broker_transport_options", {}).get("master_name")
+        client = redis_from_url(self.redis_url, master, socket_timeout=2, socket_connect_timeout=2)
         try:
             return any(int(c["addr"].rsplit(":", 1)[1]) in ports and (int(c.get("sub", 0)) or int(c.get("psub", 0)))
                        for c in client.client_list())
