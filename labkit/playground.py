@@ -38,11 +38,13 @@ def cluster_config(workers: int = 2, concurrency: int = 2, pool: str = "prefork"
     ``prefetch`` is ``worker_prefetch_multiplier`` (Celery's default is 4);
     ``relay=True`` routes each worker's Redis traffic through a relay so the
     fault panel can partition it; ``worker_direct`` lets you call one worker
-    (``task.apply_async(queue=worker_direct(hostname))``).
+    (``task.apply_async(queue=worker_direct(hostname))``); task events are on,
+    so ``cluster.dashboard()`` sees every task.
     """
     return {
         "workers": workers,
         "zookeeper": zookeeper,
+        "events": True,
         "worker_options": {"concurrency": concurrency, "pool": pool, "prefetch_multiplier": prefetch,
                            "relay": relay},
         "settings": {"worker_direct": True},

@@ -21,6 +21,7 @@ under the test's tmp dir and the message gives their path.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -94,9 +95,9 @@ def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
         proc.wait(5)
 
 
-# What the notebook model and the page hold, read in the page (window.jupyterapp is exposed).
-MODEL_JS = """() => {
-  const panel = window.jupyterapp.shell.currentWidget;
+# What one notebook's model and its part of the page hold, read in the page (window.jupyterapp is exposed).
+MODEL_JS = """(id) => {
+  const panel = [...window.jupyterapp.shell.widgets('main')].find(w => w.id === id);
   const out = {code: 0, executed: 0, running: 0, errors: [], images: 0, widgets: 0};
   for (const cell of panel.content.widgets) {
     if (cell.model.type !== 'code') continue;
@@ -114,13 +115,32 @@ MODEL_JS = """() => {
   }
   const imgs = [...panel.node.querySelectorAll('.jp-OutputArea-output img')];
   out.rendered_images = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  out.rendered_widgets = panel.node.querySelectorAll('.jp-OutputArea-output .jupyter-widgets.widget-container, '
-    + '.jp-OutputArea-output .jupyter-widgets.widget-inline-hbox, .jp-OutputArea-output .jupyter-widgets.widget-box').length;
+  // a rendered widget view is a DOM subtree with the jupyter-widgets class; its fallback is plain text
+  out.rendered_widgets = [...panel.node.querySelectorAll('.jp-OutputArea-output')]
+    .filter(o => o.querySelector('.jupyter-widgets')).length;
   const text = panel.node.innerText;
   out.fallbacks = ['Error displaying widget', 'Loading widget...', 'VBox(children=', 'HBox(children=']
     .filter(t => text.includes(t));
-  out.kernel = panel.sessionContext.session ? panel.sessionContext.session.kernel.status : 'none';
+  const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+  out.kernel = kernel ? kernel.status : 'none';
   return out;
+}"""
+
+OPEN_JS = """async (path) => {
+  const app = window.jupyterapp;
+  await app.restored;
+  const panel = await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
+  await panel.context.ready;
+  app.shell.activateById(panel.id);
+  return panel.id;
+}"""
+
+RUN_ALL_JS = """async (id) => {
+  const app = window.jupyterapp;
+  app.shell.activateById(id);
+  if (app.shell.currentWidget.id !== id) return false;
+  await app.commands.execute('notebook:run-all-cells');
+  return true;
 }"""
 
 
@@ -132,32 +152,29 @@ def answer_dialogs(page, seen: list[str]) -> None:
         page.locator(".jp-Dialog .jp-mod-accept").first.click()
 
 
-def run_all(page, base: str, name: str, shots: Path, dialogs: list[str]) -> dict:
-    page.goto(f"{base}/lab/tree/{name}", wait_until="domcontentloaded")
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                           "&& window.jupyterapp.shell.currentWidget.content", timeout=60_000)
+def run_all(page, name: str, shots: Path, dialogs: list[str]) -> dict:
+    """Open ``name``, wait for its kernel (answering dialogs), run all cells, wait for them all."""
+    panel = page.evaluate(OPEN_JS, name)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the kernel starts (or a dialog asks which one)
+    while page.evaluate(MODEL_JS, panel)["kernel"] != "idle":  # the kernel starts (or a dialog asks which)
         answer_dialogs(page, dialogs)
-        if page.evaluate("() => { const p = window.jupyterapp.shell.currentWidget; "
-                         "return !!(p.sessionContext.session && p.sessionContext.session.kernel "
-                         "&& p.sessionContext.session.kernel.status === 'idle'); }"):
-            break
+        assert time.monotonic() < deadline, f"{name}: the kernel never became idle"
         time.sleep(0.3)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    assert page.evaluate(RUN_ALL_JS, panel), f"{name}: could not make it the current notebook"
     deadline = time.monotonic() + RUN_TIMEOUT_S
     state: dict = {}
     while time.monotonic() < deadline:
         answer_dialogs(page, dialogs)
-        state = page.evaluate(MODEL_JS)
+        state = page.evaluate(MODEL_JS, panel)
         if state["errors"] or (state["executed"] == state["code"] and not state["running"]
                                and state["kernel"] == "idle"):
             break
         time.sleep(0.5)
     # images decode and widget views render asynchronously after the last output arrives
     with contextlib.suppress(Exception):
-        page.wait_for_function(f"() => ({MODEL_JS})().rendered_images >= ({MODEL_JS})().images", timeout=15_000)
-    state = page.evaluate(MODEL_JS)
+        page.wait_for_function(f"(id) => {{ const s = ({MODEL_JS})(id); return s.rendered_images >= s.images "
+                               "&& s.rendered_widgets >= s.widgets; }", arg=panel, timeout=15_000)
+    state = page.evaluate(MODEL_JS, panel)
     page.screenshot(path=str(shots / f"{Path(name).stem}.png"), full_page=True)
     return state
 
@@ -192,8 +209,10 @@ def test_notebooks_run_in_jupyterlab_in_a_real_browser(tmp_path: Path):
             args=CHROMIUM_FLAGS, env=env, viewport={"width": 1280, "height": 900})
         page = context.new_page()
         page.goto(f"{base}/lab?token={token}", wait_until="domcontentloaded")  # sets the auth cookie
+        page.wait_for_function("() => !!window.jupyterapp", timeout=60_000)
         for name in NOTEBOOKS:
-            results[name] = run_all(page, base, name, shots, dialogs)
+            results[name] = run_all(page, name, shots, dialogs)
+        (tmp_path / "seen.json").write_text(json.dumps({"results": results, "dialogs": dialogs}, indent=1))
         problems = []
         for name, s in results.items():
             if s.get("errors"):
@@ -202,11 +221,11 @@ def test_notebooks_run_in_jupyterlab_in_a_real_browser(tmp_path: Path):
                 problems.append(f"{name}: {s.get('executed')} of {s.get('code')} code cells ran")
             if s.get("rendered_images", 0) < s.get("images", 0) or not s.get("images"):
                 problems.append(f"{name}: {s.get('images')} plot(s) sent, {s.get('rendered_images')} shown as images")
-            if s.get("fallbacks") or s.get("rendered_widgets", 0) < (1 if s.get("widgets") else 0):
+            if s.get("fallbacks") or s.get("rendered_widgets", 0) < s.get("widgets", 0):
                 problems.append(f"{name}: {s.get('widgets')} widget output(s), {s.get('rendered_widgets')} rendered, "
                                 f"text fallbacks on the page: {s.get('fallbacks')}")
-        assert results["99_playground.ipynb"].get("widgets"), "the playground sent no widget: nothing was checked"
         assert not problems, "; ".join(problems) + f"\n(dialogs answered: {dialogs}; screenshots in {shots})"
+        assert results["99_playground.ipynb"].get("widgets"), "the playground sent no widget: nothing was checked"
     except BaseException as exc:
         with contextlib.suppress(Exception):
             if context is not None:
