@@ -30,7 +30,6 @@ import datetime as dt
 import html
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -200,7 +199,8 @@ def machine() -> dict[str, Any]:
 
     from . import __version__  # noqa: PLC0415
 
-    cpu = platform.processor()
+    u = os.uname()  # (platform.processor() and platform.platform() would run `uname -p`)
+    cpu = u.machine
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -211,7 +211,7 @@ def machine() -> dict[str, Any]:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     return {
-        "host": socket.gethostname(), "os": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+        "host": socket.gethostname(), "os": f"{u.sysname} {u.release} {u.machine}", "cpu": cpu, "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()], "python": sys.version.split()[0],
         "versions": versions,
