@@ -278,7 +278,7 @@ def compare(cluster: ClusterLike, *, n: int = 60, tick: float = 0.06, countdown:
                       better="lower", title=f"peak retries in any {WINDOW} s")
 
 
-@claim("a fixed countdown brings the herd back in one window; jitter spreads it below what chance allows")
+@claim("a fixed countdown brings the herd back in one window; with jitter no window gets more than chance allows")
 def jitter_spreads_the_herd(fixed: Measurement, jittered: Measurement) -> None:
     """More retries than :func:`chance_peak` in one window is a herd; jitter must stay at or under it.
 

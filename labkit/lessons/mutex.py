@@ -67,6 +67,7 @@ SKIPPED = "skipped"
 TALK_ROOT = "/mutex/celery"  # the talk's path prefix
 FIX_ROOT = "/labkit/mutex"
 FAULT_QUEUE = "mutex-fault"  # served by w3 only: the worker we kill and pause
+MIN_CONTENDERS = 6  # before(): more contenders than w1 + w2's four processes
 
 
 # --------------------------------------------------------------------------- cluster layout
@@ -487,7 +488,16 @@ def _trials(label: str, rows: list[dict], contenders: int, seconds: float) -> Me
 
 
 def before(cluster: ClusterLike, *, trials: int = 6, contenders: int = 12, seconds: float = 0.2) -> Measurement:
-    """The talk's mutex taken at run time: ``contenders`` exports of one job submitted at once, per trial."""
+    """The talk's mutex taken at run time: ``contenders`` exports of one job submitted at once, per trial.
+
+    Needs ``contenders >= 6``: with no more contenders than the four worker
+    processes, they all start at once and rarely is anyone left to walk in
+    after a loser's cleanup, so the overlap this measures would be luck.
+    """
+    if contenders < MIN_CONTENDERS:
+        raise ValueError(f"contenders={contenders}: use {MIN_CONTENDERS} or more. With no more contenders than "
+                         "the 4 worker processes they all start together and almost nobody arrives after a "
+                         "loser's after_return freed the node, so an overlap (or its absence) would be luck")
     rows = [_run_trial(cluster, talk_export, contenders, seconds) for _ in range(trials)]
     return _trials("talk's mutex, at run time", rows, contenders, seconds)
 

@@ -97,8 +97,9 @@ def test_the_slides_after_return_raises_in_the_worker_and_the_worker_logs_it(run
 
 def test_the_slides_race_surfaces_in_the_producer(runs):
     totals = runs["placement"].meta["totals"]
-    assert totals["loser_deletes"] == 0 and totals["ran"] == totals["sent"] == 3, totals
-    assert totals["raised"] + totals["refused"] == 3 * (CONTENDERS - 1), totals
+    assert totals["loser_deletes"] == 0 and totals["ran"] == totals["sent"] >= 3, totals
+    assert totals["sent"] + totals["raised"] + totals["refused"] == 3 * CONTENDERS, totals
+    assert totals["raised"] >= 1, totals  # threads released together: most lose the race in create()
 
 
 def test_run_time_losers_delete_the_winners_node(runs):
