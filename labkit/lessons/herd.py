@@ -171,6 +171,7 @@ def retry_celery(self, url: str, tag: str, *, tick: float = 1.0) -> int:
 
 
 TASKS = {"fixed": retry_fixed, "randint": retry_randint, "celery": retry_celery}
+BACKOFF = int(retry_celery.retry_backoff)  # Celery's first retry waits randrange(BACKOFF + 1) seconds
 
 
 def sliding_peak(times: list[float], width: float) -> int:
@@ -202,8 +203,8 @@ def chance_peak(n: int, delays: int = TALK_DELAYS, window: int = WINDOW, odds: f
 
 
 def fewest_before_floor(n: int, odds: float = CHANCE) -> int:
-    """The fewest of ``n`` Celery first retries (``randrange(61)``) that land before :data:`FLOOR`, but once in 1/odds runs."""
-    p = FLOOR / 61
+    """The fewest of ``n`` Celery first retries (``randrange(BACKOFF + 1)``) landing before :data:`FLOOR`, but once in 1/odds runs."""
+    p = FLOOR / (BACKOFF + 1)
 
     def head(k: int) -> float:  # P(Binomial(n, p) < k)
         return sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k))
