@@ -672,18 +672,28 @@ def _fence(cluster: LocalCluster, flags: list[bool], hold: float) -> list[Measur
         runs.append({"fenced": fenced, "run": run, "resource": resource, "events": f"{_ns(run)}:events",
                      "lock_dir": task.lock_path((run, resource, "A", hold, fenced), {}), "kernel": [],
                      "a": task.apply_async((run, resource, "A", hold, fenced), queue=FAULT_QUEUE)})
-    for x in runs:  # 1. A holds the lock ...
-        x["first"] = poll_until(lambda x=x: _list(r, x["events"]), 30, interval=0.01,
-                                what="holder A to acquire the lock")[0]
-    children = cluster.children("w3")
-    for x in runs:  # 2. ... and is paused mid-job
-        x["child"] = children.index(x["first"]["pid"])
-        cluster.pause("w3", child=x["child"])
-        x["kernel"].append({"t": time.time(), "who": "A", "what": "paused"})
-    if any(e["what"] == "write" for x in runs for e in _list(r, x["events"])):
+    waiting = list(runs)
+
+    def pause_new_holders() -> bool:  # 1. A holds the lock ... 2. ... and is paused mid-job, at once
+        for x in list(waiting):
+            events = _list(r, x["events"])
+            if events:
+                x["first"] = events[0]
+                x["child"] = cluster.children("w3").index(x["first"]["pid"])
+                cluster.pause("w3", child=x["child"])
+                x["kernel"].append({"t": time.time(), "who": "A", "what": "paused"})
+                waiting.remove(x)
+        return not waiting
+
+    try:
+        poll_until(pause_new_holders, 30, interval=0.01, what="holder A to acquire the lock")
+        if any(e["what"] == "write" for x in runs for e in _list(r, x["events"])):
+            raise RuntimeError(f"A finished its {hold} s of work before the pause landed; raise hold")
+    except Exception:
         for x in runs:
-            cluster.resume("w3", child=x["child"])
-        raise RuntimeError(f"A finished its {hold} s of work before the pause landed; raise hold")
+            if "child" in x:
+                cluster.resume("w3", child=x["child"])
+        raise
     for x in runs:  # 3. B waits for the lock, gets it when ZooKeeper expires A's session, and writes
         x["b"] = task.apply_async((x["run"], x["resource"], "B", 0.05, x["fenced"]))
     for x in runs:
