@@ -289,11 +289,12 @@ def jitter_spreads_the_herd(fixed: Measurement, jittered: Measurement) -> None:
     """
     n = jittered.meta["n"]
     bound = chance_peak(n)
+    arrivals = fixed.meta["arrivals"] or [0.0]
     verify(f"a fixed countdown puts more than {bound} of {n} retries in one {WINDOW} s window, "
            f"and jitter ({jittered.label}) no more than that",
            fixed.meta["n"] == n and fixed.value > bound >= jittered.value,
            fixed=fixed.value, jittered=jittered.value, chance_bound=bound, n=n,
-           fixed_spread=f"{fixed.meta['spread']:.1f} s (if this is many seconds, the workers were too "
+           fixed_spread=f"{max(arrivals) - min(arrivals):.1f} s (if this is many seconds, the workers were too "
                         "starved of CPU to send the retries together at this tick: raise TICK)")
 
 
