@@ -128,6 +128,10 @@ def test_a_failure_while_a_worker_imports_names_the_worker_and_shows_its_traceba
     assert "Traceback (most recent call last)" in message
     assert 'File "<task cell cell_scaled>", line 3' in message  # the cell's own line 3
     assert "ModuleNotFoundError: No module named 'kernel_only_helper'" in message
+    # a worker (re)started with that module in the store still starts, and its log says why it lacks it
+    cluster.restart("w2")
+    assert cluster.ping()["w2"]
+    assert "could not load cell_scaled" in cluster.logs("w2", 200)
 
 
 def test_a_name_clash_with_a_lesson_task_is_refused(shell, cluster):
@@ -154,3 +158,14 @@ def test_a_cell_needs_a_cluster_and_names_the_choices(monkeypatch):
         find_cluster({}, None)
     with pytest.raises(DefineError, match="no running cluster called 'nope'"):
         find_cluster({}, "nope")
+
+
+def test_an_attached_cluster_defines_on_the_workers_it_can_ping(cluster):
+    """Somebody else's cluster (here: this one, attached by URL) gets the same mechanism."""
+    from labkit import attach
+
+    with attach(cluster.redis_url, cluster.zk_hosts, settings={"worker_direct": True}) as other:
+        defined = other.define("from celery import shared_task\n\n@shared_task\ndef triple(x):\n    return 3 * x\n")
+        assert set(defined.workers) == set(cluster.workers), defined
+        calls = [defined.triple.apply_async((5,), queue=worker_direct(w.hostname)) for w in cluster.workers.values()]
+        assert [r.get(timeout=30) for r in calls] == [15] * len(calls)
