@@ -149,7 +149,7 @@ def compare_latency(cluster: ClusterLike, *, n: int = 30) -> Comparison:
 
 @claim("a task round trip costs at least 100x a local call")
 def a_round_trip_costs_many_calls(latency: Comparison) -> None:
-    latency.check(factor=100)  # typically thousands
+    latency.check(factor=100)  # typically tens of thousands
 
 
 # ----------------------------------------------------------------------------- a worker dies
