@@ -200,10 +200,12 @@ def kill_mid_task(cluster: LocalCluster, *, seconds: float = 2.0, acks_late: boo
         outcome = type(exc).__name__
     waited = time.perf_counter() - t0
     after = _copies_in_redis(cluster, r.id)
+    state = r.state
+    r.forget()  # stop waiting for it: the app would keep it pending (and subscribed) until it closes
     label = "acks_late" if acks_late else "default (early ack)"
     return Measurement(label, "copies of the message left in Redis", "messages", [sum(after.values())],
                        stat="sum", meta={"task_id": r.id, "victim": victim, "seconds": seconds,
-                                         "acks_late": acks_late, "outcome": outcome, "state": r.state,
+                                         "acks_late": acks_late, "outcome": outcome, "state": state,
                                          "waited_s": waited, "acked_while_running": bool(gone),
                                          "while_running": while_running, "after_kill": after})
 
