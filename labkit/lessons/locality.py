@@ -163,7 +163,7 @@ def _send(cluster: LocalCluster, n: int, mode: str, placement: str, size: int, s
     return [b.parent for b in bs], bs
 
 
-def pairs(cluster: LocalCluster, *, n: int = 120, mode: str = "local", placement: str = "anywhere",
+def pairs(cluster: LocalCluster, *, n: int = 100, mode: str = "local", placement: str = "anywhere",
           size: int = 16_384, shared_dir: str | Path | None = None, queue: str = "celery",
           timeout: float = 60) -> Measurement:
     """Run ``n`` A -> B pairs; values are 1 per failed pair (B could not read A's result).
@@ -201,7 +201,7 @@ def pairs(cluster: LocalCluster, *, n: int = 120, mode: str = "local", placement
                              "workers": len(_hostnames(cluster, queue))})
 
 
-def pairs_on_workers(cluster: LocalCluster, *, n: int = 120, workers: int = 3,
+def pairs_on_workers(cluster: LocalCluster, *, n: int = 100, workers: int = 3,
                      placements: tuple[str, ...] = ("anywhere", "forward")) -> list[Measurement]:
     """:func:`pairs` (local files) for each placement, on ``workers`` temporary one-child workers sharing a queue."""
     queue = f"locality-{uuid.uuid4().hex[:6]}"
@@ -216,7 +216,7 @@ def pairs_on_workers(cluster: LocalCluster, *, n: int = 120, workers: int = 3,
                 cluster.remove_worker(name)
 
 
-def locality_fixes(cluster: LocalCluster, *, n: int = 120, size: int = 16_384) -> list[Measurement]:
+def locality_fixes(cluster: LocalCluster, *, n: int = 100, size: int = 16_384) -> list[Measurement]:
     """Every fix in :data:`PLACEMENTS`, each on the same ``n`` pairs."""
     return [pairs(cluster, n=n, mode=mode, placement=placement, size=size)
             for mode, placement in PLACEMENTS if (mode, placement) != ("local", "anywhere")]

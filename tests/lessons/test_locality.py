@@ -14,7 +14,7 @@ from labkit.lessons import locality
 
 pytestmark = pytest.mark.cluster  # every test here starts real processes
 
-N = 120
+N = 100
 
 
 @pytest.fixture(scope="module")
