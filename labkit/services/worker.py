@@ -43,11 +43,13 @@ class WorkerSpec:
     max_memory_per_child: int | None = None  # KiB of resident memory; checked after each task
     soft_time_limit: float | None = None
     time_limit: float | None = None
-    autoscale: tuple[int, int] | None = None
+    autoscale: tuple[int, int] | None = None  # (min, max) pool processes; ``--autoscale max,min``
+    optimization: str | None = None  # ``-O``: "default" or "fair" (the same strategy since Celery 4.0)
     events: bool = False
     loglevel: str = "INFO"
     env: dict[str, str] = field(default_factory=dict)
     clock_offset: float = 0.0  # seconds this worker's wall clock is ahead (+) or behind (-); libfaketime
+    relay: bool = False  # reach Redis through a relay the cluster can cut: cluster.partition(name)
 
     def __post_init__(self) -> None:
         if isinstance(self.queues, str):
@@ -58,6 +60,8 @@ class WorkerSpec:
             raise ValueError("a worker needs at least one queue")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, not {self.pool!r}")
+        if self.optimization not in (None, "default", "fair"):
+            raise ValueError(f"optimization (-O) must be 'default' or 'fair', not {self.optimization!r}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
         if self.name and not self.name.replace("-", "").replace("_", "").isalnum():
@@ -151,6 +155,8 @@ class WorkerService(CeleryService):
             extra += f" clock {s.clock_offset:+g} s"
         if s.max_memory_per_child:
             extra += f" max {s.max_memory_per_child} KiB/child"
+        if s.relay:
+            extra += " via relay"
         return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
 
     def command(self) -> list[str]:
@@ -171,6 +177,8 @@ class WorkerService(CeleryService):
             cmd += ["--prefetch-multiplier", str(s.prefetch_multiplier)]
         if s.disable_prefetch:
             cmd += ["--disable-prefetch"]
+        if s.optimization is not None:
+            cmd += ["-O", s.optimization]
         if s.max_tasks_per_child is not None:
             cmd += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
         if s.max_memory_per_child is not None:
