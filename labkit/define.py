@@ -17,11 +17,12 @@ file that every worker imports. How it travels, with Celery's own parts:
    (registered with ``Panel.register`` by :mod:`labkit.worker_app`), naming
    the module and its digest — never code, never a pickle. The worker's main
    process reads the source from Redis, executes it, refreshes its consumer's
-   task strategies and renews its prefork pool: Celery's pool-restart flag
-   (``worker_pool_restarts``) makes every busy child leave after its current
-   task, and idle children, which hold no task, are replaced at once (a
-   graceful exit would cost a fixed second: billiard sleeps 1 s after a child
-   announces its death). Children forked after that carry the new code.
+   task strategies and renews its prefork pool (:func:`refresh_pool`): idle
+   children are replaced at once, busy ones get no further job and are
+   replaced when their task ends — no task is lost and none runs old code.
+   Children forked after that carry the new code. (Celery's own
+   ``pool_restart`` only sets a flag each child reads before it *waits* for a
+   job, so a child already waiting runs one more task with the old code.)
 
 Redefining a module replaces its tasks everywhere: Celery's registry keeps the
 first definition of a name, so the old tasks are removed first. A definition
