@@ -32,6 +32,7 @@ The races and their fixes:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -56,7 +57,7 @@ NOTEBOOK = "08_race_conditions.ipynb"
 #: Two prefork workers (two children each) and Redis. The de-duplication switch
 #: Celery has had since 5.1 is ON here, to show it does not catch these cases.
 CLUSTER = {"workers": 2, "zookeeper": 0, "settings": {"worker_deduplicate_successful_tasks": True}}
-WORKSHOP = {"N_FILES": 300, "N_REPORTS": 400, "PRODUCERS": 3}
+WORKSHOP = {"N_FILES": 200, "N_REPORTS": 300, "PRODUCERS": 3}
 
 # --------------------------------------------------------------------------- the data
 
@@ -73,6 +74,7 @@ STYLESHEET = b"""<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999
 </xsl:stylesheet>"""
 
 
+@functools.lru_cache(maxsize=1024)
 def report_xml(report_id: int, rows: int = 1000) -> bytes:
     """The deterministic "database export" for one report: every row names its report."""
     body = "".join(f'<row n="{k}">{report_id}-{k}</row>' for k in range(rows))
@@ -401,9 +403,13 @@ def reports(cluster: ClusterLike, n: int = 200, *, build: str = "shared", rows: 
     published, mailed = [], []
     for i in range(n):
         path = out / f"report-{i}.html"
-        published.append(0 if path.exists() and report_ok(path.read_bytes(), i, rows) else 1)
+        final = path.read_bytes() if path.exists() else None
+        good = final is not None and report_ok(final, i, rows)
+        published.append(0 if good else 1)
         seen = mailer.read.get(path.name)
-        mailed.append(0 if seen is not None and report_ok(seen, i, rows) else 1)
+        # the right report has exactly one rendering: equal to a good final file, or checked on its own
+        seen_good = seen is not None and (seen == final if good else report_ok(seen, i, rows))
+        mailed.append(0 if seen_good else 1)
     label = {"shared": "naive: shared data.xml", "private": "temp file, written in place",
              "atomic": "fix: temp file + os.replace"}[build]
     meta = {"reports": n, "rows": rows, "build": build, "tasks_failed": failed, "ran_on": dict(workers),
