@@ -348,7 +348,7 @@ class BeatRun:
 
     BEATS = {"fast beat": ("fast-beat", +1), "slow beat": ("slow-beat", -1)}
 
-    def __init__(self, cluster: LocalCluster, *, want: float = 30.0, leads: tuple[float, float] = (6.0, 17.0),
+    def __init__(self, cluster: LocalCluster, *, want: float = 25.0, leads: tuple[float, float] = (6.0, 17.0),
                  workers: Sequence[str] | None = None) -> None:
         self.cluster = cluster
         self.run = uuid.uuid4().hex[:8]
@@ -358,17 +358,25 @@ class BeatRun:
         r = cluster.redis_client()
         self.started = redis_now(r)
         _seed_reports(r, self.started)
-        plan = {label: beat_skew(self.started, direction, want=want, leads=leads)
-                for label, (_, direction) in self.BEATS.items()}
-        self.skews = {label: skew for label, (skew, _) in plan.items()}
-        self.leads = {label: lead for label, (_, lead) in plan.items()}
+        self.skews: dict[str, float] = {}
+        self.leads: dict[str, float] = {}  # seconds from the start until the beat reaches its boundary
         self.stop()  # a beat left over from an earlier run of this cell
         try:
-            for label, (service, _) in self.BEATS.items():
-                cluster.add_beat(service, scheduler="labkit.lessons.clocks:StampingScheduler",
-                                 clock_offset=self.skews[label],
-                                 env={"LABKIT_BEAT_NAME": label, "LABKIT_BEAT_RUN": self.run,
-                                      "LABKIT_BEAT_QUEUES": ",".join(self.workers)})
+            for label, (service, direction) in self.BEATS.items():
+                for _attempt in range(3):
+                    now = redis_now(r)
+                    skew, lead = beat_skew(now, direction, want=want, leads=leads)
+                    cluster.add_beat(service, scheduler="labkit.lessons.clocks:StampingScheduler", clock_offset=skew,
+                                     env={"LABKIT_BEAT_NAME": label, "LABKIT_BEAT_RUN": self.run,
+                                          "LABKIT_BEAT_QUEUES": ",".join(self.workers)})
+                    if redis_now(r) < now + lead - 1.0:  # running before its boundary: it will fire there
+                        break
+                    cluster.remove_beat(service)  # it started too slowly and may miss it: plan again
+                else:
+                    raise RuntimeError(f"{label}: celery beat took longer than {leads[0]:g} s to start, three "
+                                       f"times; the machine is overloaded (see cluster.logs({service!r}))")
+                self.skews[label] = skew
+                self.leads[label] = round(now + lead - self.started, 3)
         except BaseException:
             self.stop()
             raise

@@ -20,7 +20,7 @@ def _apart(a: float, b: float) -> float:
 @pytest.mark.parametrize("direction", [1, -1])
 def test_beat_skew_reaches_a_minute_boundary_within_the_lead_window_at_any_time(direction):
     rng = random.Random(11)
-    for _ in range(3000):
+    for _ in range(800):
         start = 1.7e9 + rng.random() * 86400
         skew, lead = clocks.beat_skew(start, direction)
         assert 6 <= lead <= 17
