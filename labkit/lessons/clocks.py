@@ -330,7 +330,14 @@ class StampingScheduler(Scheduler):
             entry.kwargs = {**entry.kwargs, "beat_clock": now, "true_clock": redis_now()}
         elif entry.name.startswith("message-"):
             entry.kwargs = {**entry.kwargs, "time": period_key(now)}  # one decision, carried to the worker
+        self._note_sent(entry.name)
         return super().apply_async(entry, producer, advance, **kwargs)
+
+    def _note_sent(self, name: str) -> None:
+        """The true time (Redis TIME) each entry left beat: the start of its delivery delay."""
+        run = os.environ.get("LABKIT_BEAT_RUN", "beat")
+        r = redis_client()
+        r.hset(_key(run, "sent", os.environ.get("LABKIT_BEAT_NAME", "beat")), name, repr(redis_now(r)))
 
 
 VARIANTS = {"talk": "talk: worker's datetime.now()", "message": "fix: period in the message",
@@ -381,6 +388,9 @@ class BeatRun:
             self.stop()
             raise
 
+    def _sent(self, r: Any, beat: str) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in r.hgetall(_key(self.run, "sent", beat)).items()}
+
     def _lists(self, r: Any) -> tuple[list[dict], dict[tuple[str, str], list[dict]]]:
         ticks = [json.loads(x) for x in r.lrange(_key(self.run, "ticks"), 0, -1)]
         picks = {(b, v): [json.loads(x) for x in r.lrange(_key(f"{self.run}:{b}:{v}", "picked"), 0, -1)]
@@ -420,8 +430,10 @@ class BeatRun:
                 if tick is None:
                     continue
                 intended = period_key(tick["beat_clock"])
+                sent = self._sent(r, beat)
                 for p in picks[(beat, variant)][: len(self.workers)]:
-                    lag = p["true"] - tick["true_clock"]
+                    # delivery delay: from the moment beat sent this entry to the worker's decision (true clock)
+                    lag = p["true"] - sent.get(f"{variant}-{p['worker']}", tick["true_clock"])
                     rel = self.worker_skews[p["worker"]] - self.skews[beat]
                     rows.append({"beat": beat, "beat_skew": self.skews[beat], "worker": p["worker"],
                                  "worker_skew": self.worker_skews[p["worker"]], "intended": intended,
