@@ -361,7 +361,7 @@ class Mailer:
         return len(self.read) >= self.n or self._stop.is_set()
 
     def _run(self) -> None:
-        poll_until(self._scan, timeout=600, interval=0.0005)
+        poll_until(self._scan, timeout=600, interval=0.002)
 
     def __enter__(self) -> Mailer:
         self._thread.start()
@@ -373,7 +373,7 @@ class Mailer:
         self._scan()  # anything published after the last scan
 
 
-def reports(cluster: ClusterLike, n: int = 200, *, build: str = "shared", rows: int = 1000,
+def reports(cluster: ClusterLike, n: int = 120, *, build: str = "shared", rows: int = 1000,
             queue: str | None = None, timeout: float = 60) -> dict[str, Measurement]:
     """Build ``n`` reports concurrently while a mailer reads each one as soon as it appears.
 
