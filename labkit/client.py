@@ -90,11 +90,12 @@ class ClusterClient:
 
     def redis_client(self, **kwargs: Any) -> redis.Redis:
         """A new redis-py client for the cluster's Redis (short timeouts: faults are expected)."""
-        import redis  # noqa: PLC0415
+        from .app import redis_from_url  # noqa: PLC0415
 
         kwargs.setdefault("socket_timeout", 5)
         kwargs.setdefault("socket_connect_timeout", 2)
-        return redis.Redis.from_url(self.redis_url, **kwargs)
+        master = self.app.conf.broker_transport_options.get("master_name")
+        return redis_from_url(self.redis_url, master, **kwargs)
 
     def zk(self) -> KazooClient:
         """The kernel's kazoo client (started on first use, restarted if its session was lost)."""
@@ -173,7 +174,7 @@ class AttachedCluster(ClusterClient):
 
     def __init__(self, redis_url: str, zk_hosts: str = "", settings: dict[str, Any] | None = None,
                  include: list[str] | None = None) -> None:
-        if not redis_url.startswith(("redis://", "rediss://")):
+        if not redis_url.startswith(("redis://", "rediss://", "sentinel://")):
             raise ValueError(f"redis_url must look like redis://host:port/db, not {redis_url!r}")
         self._redis_url, self._zk_hosts = redis_url, zk_hosts
         self.id = "attached:" + redis_url.split("://", 1)[1]

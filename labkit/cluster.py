@@ -19,7 +19,10 @@ What it promises (see the README's "Architecture"):
   returns the cluster already running in this process;
 * faults on demand: ``kill``/``pause``/``resume``/``restart`` any service by
   name (``"redis"``, ``"zk"`` or ``"zk2"``, ``"w1"``, a beat's name), or one
-  of a worker's pool children with ``child=i``.
+  of a worker's pool children with ``child=i``; ``partition``/``heal`` a
+  worker started with ``relay=True`` (:mod:`~labkit.services.relay`);
+  ``redis="sentinel"`` adds a replica and three sentinels
+  (:mod:`~labkit.services.sentinel`) so the primary can fail over.
 
 The client side (``app``, ``task``, ``ping``, ``redis_client``, ``zk``) is
 :class:`~labkit.client.ClusterClient`, shared with
@@ -47,19 +50,22 @@ from typing import Any, ClassVar
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .app import lesson_modules, make_app
+from .app import lesson_modules, make_app, merge_settings
 from .client import AttachedCluster, ClusterClient, attach
 from .poll import poll_until
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
 from .services.beat import BeatService
 from .services.redis import RedisService
+from .services.relay import RelayService
+from .services.sentinel import SentinelGroup, sentinel_group
 from .services.worker import WorkerService, WorkerSpec
 from .services.zookeeper import ZooKeeperService, ensemble, kazoo_session_ok
 from .status import Status
 
 __all__ = ["AttachedCluster", "LocalCluster", "attach", "run_root"]
 
-_RESERVED = ("redis", "zk", "guard")
+_RESERVED = ("redis", "zk", "guard", "replica")
+REDIS_MODES = ("single", "sentinel")
 
 
 def run_root() -> Path:
@@ -89,6 +95,10 @@ class LocalCluster(ClusterClient):
         Modules whose tasks the workers import (default: every lesson module).
     redis_port, appendonly:
         Pin Redis to a port (default: a free one); turn on its append-only file.
+    redis:
+        ``"single"`` (one server) or ``"sentinel"``: a primary, a replica and
+        three sentinels; every client reaches the primary through the
+        sentinels (``sentinel://`` URLs), so it follows a failover.
     reuse:
         Return the cluster already running in this process with the same
         arguments instead of starting a second one (default True).
@@ -124,6 +134,7 @@ class LocalCluster(ClusterClient):
         include: list[str] | None = None,
         redis_port: int = 0,
         appendonly: bool = False,
+        redis: str = "single",
         start: bool = True,
         start_timeout: float = 60.0,
         reuse: bool = True,
@@ -134,7 +145,7 @@ class LocalCluster(ClusterClient):
         # every argument is checked before anything touches the disk
         specs = self.check_options(workers, zookeeper=zookeeper, worker_options=worker_options,
                                    settings=settings, include=include, redis_port=redis_port,
-                                   start_timeout=start_timeout, name=name)
+                                   start_timeout=start_timeout, name=name, redis=redis)
         self._initialised = True
         self._reused = False
         self.id = name or f"lk{uuid.uuid4().hex[:6]}"
@@ -152,6 +163,13 @@ class LocalCluster(ClusterClient):
             name="redis", run_dir=self.run_dir, cluster_id=self.id, port=redis_port or free_port(),
             appendonly=appendonly, on_spawn=self._record,
         )
+        self.sentinel: SentinelGroup | None = None
+        if redis == "sentinel":
+            self.sentinel = sentinel_group(self.redis, self.run_dir, self.id)
+            for s in self.sentinel.services:
+                s.on_spawn = self._record
+            self.settings = merge_settings(self.sentinel.settings(), self.settings)
+        self.relays: dict[str, RelayService] = {}
         self.zookeepers: list[ZooKeeperService] = (
             ensemble(zookeeper, self.run_dir, self.id) if zookeeper else []
         )
@@ -159,7 +177,7 @@ class LocalCluster(ClusterClient):
             zk.on_spawn = self._record
         self.workers: dict[str, WorkerService] = {}
         self.beats: dict[str, BeatService] = {}
-        self.app = make_app(self.redis.url, settings=self.settings, include=self.include)
+        self.app = make_app(self.redis_url, settings=self.settings, include=self.include)
         for spec in specs:
             self._make_worker(spec)
         if start:
@@ -178,6 +196,7 @@ class LocalCluster(ClusterClient):
         redis_port: int = 0,
         start_timeout: float = 60.0,
         name: str | None = None,
+        redis: str = "single",
         **_ignored: Any,
     ) -> list[WorkerSpec]:
         """Validate ``LocalCluster`` arguments without starting anything; returns the worker specs.
@@ -197,7 +216,11 @@ class LocalCluster(ClusterClient):
             raise ValueError(f"start_timeout must be a positive number of seconds, not {start_timeout!r}")
         if name is not None and (not isinstance(name, str) or not name.replace("-", "").isalnum()):
             raise ValueError(f"name must be letters, digits and '-', not {name!r}")
+        if redis not in REDIS_MODES:
+            raise ValueError(f"redis must be one of {REDIS_MODES}, not {redis!r}")
         options = dict(worker_options or {})
+        if redis == "sentinel" and options.get("relay"):
+            raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
         if isinstance(workers, bool) or not isinstance(workers, int | list | tuple):
             raise ValueError(f"workers must be a count or a list of worker specs, not {workers!r}")
         if isinstance(workers, int):
@@ -215,28 +238,37 @@ class LocalCluster(ClusterClient):
                 raise ValueError(f"worker spec must be a WorkerSpec or dict, not {item!r}")
             spec.name = spec.name or f"w{i}"
             specs.append(spec)
+        if redis == "sentinel" and any(s.relay for s in specs):
+            raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique: {names}")
-        clash = [n for n in names if n in _RESERVED or n.startswith("zk")]
+        clash = [n for n in names if n in _RESERVED or n.startswith(("zk", "sentinel"))]
         if clash:
             raise ValueError(f"worker names {clash} are reserved for the cluster's own services")
         return specs
 
     def _check_new_name(self, name: str) -> None:
         taken = {s.name for s in self.services}
-        if name in taken or name in _RESERVED or name.startswith("zk"):
+        if name in taken or name in _RESERVED or name.startswith(("zk", "sentinel")):
             raise ValueError(f"a service named {name!r} already exists in this cluster (or the name is reserved)")
 
     def _celery_env(self) -> dict[str, Any]:
         """What every Celery process of this cluster is told (see CeleryService)."""
-        return {"run_dir": self.run_dir, "cluster_id": self.id, "redis_url": self.redis.url,
+        return {"run_dir": self.run_dir, "cluster_id": self.id, "redis_url": self.redis_url,
                 "zk_hosts": self.zk_hosts, "settings": self.settings, "on_spawn": self._record}
 
     def _make_worker(self, spec: WorkerSpec) -> WorkerService:
         self._check_new_name(spec.name)
-        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one,
-                               **self._celery_env())
+        env = self._celery_env()
+        if spec.relay:
+            if self.sentinel is not None:
+                raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
+            relay = RelayService(name=f"{spec.name}-relay", run_dir=self.run_dir, cluster_id=self.id,
+                                 target_port=self.redis.port, for_worker=spec.name, on_spawn=self._record)
+            self.relays[spec.name] = relay
+            env["redis_url"] = relay.url
+        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one, **env)
         self.workers[spec.name] = worker
         return worker
 
@@ -249,7 +281,8 @@ class LocalCluster(ClusterClient):
     # ------------------------------------------------------------------ addresses
     @property
     def redis_url(self) -> str:
-        return self.redis.url
+        """What every client of the cluster uses: Redis's URL, or the sentinels' with ``redis="sentinel"``."""
+        return self.sentinel.url if self.sentinel is not None else self.redis.url
 
     @property
     def zk_hosts(self) -> str:
@@ -258,7 +291,9 @@ class LocalCluster(ClusterClient):
 
     @property
     def services(self) -> list[Service]:
-        return [self.redis, *self.zookeepers, *self.workers.values(), *self.beats.values()]
+        ha = self.sentinel.services if self.sentinel is not None else []
+        return [self.redis, *ha, *self.zookeepers, *self.relays.values(), *self.workers.values(),
+                *self.beats.values()]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> LocalCluster:
@@ -276,11 +311,15 @@ class LocalCluster(ClusterClient):
             for zk in self.zookeepers:
                 zk.spawn()
             self._wait_all([self.redis])
+            ha = self.sentinel.services if self.sentinel is not None else []
+            for s in [*ha, *self.relays.values()]:
+                s.spawn()
+            self._wait_all(list(self.relays.values()))  # a worker's first connection goes through its relay
             for worker in self.workers.values():
                 worker.spawn()
             for beat in self.beats.values():
                 beat.spawn()
-            self._wait_all([*self.zookeepers, *self.workers.values(), *self.beats.values()])
+            self._wait_all([*ha, *self.zookeepers, *self.workers.values(), *self.beats.values()])
             if len(self.zookeepers) > 1 and not kazoo_session_ok(self.zk_hosts, timeout=10):
                 raise ServiceError("zookeeper", "ensemble nodes are up but no kazoo session could be opened",
                                    log=self.zookeepers[0].log_path)
@@ -331,7 +370,9 @@ class LocalCluster(ClusterClient):
             return
         self.state = Status.CLOSING
         self._close_clients()
-        ordered = [*self.beats.values(), *self.workers.values(), *self.zookeepers, self.redis]
+        ha = self.sentinel.services[::-1] if self.sentinel is not None else []
+        ordered = [*self.beats.values(), *self.workers.values(), *self.relays.values(), *self.zookeepers,
+                   *ha, self.redis]
         for s in ordered:
             s.terminate()
         for s in ordered:
@@ -371,13 +412,24 @@ class LocalCluster(ClusterClient):
             name = f"w{i}"
         spec = WorkerSpec.from_options(name, **{**self._worker_options, **options})
         worker = self._make_worker(spec)
+        relay = self.relays.get(name)
+        if relay is not None and start and self.state == Status.RUNNING:
+            try:
+                relay.start(self.start_timeout)
+            except BaseException:
+                relay.stop()
+                del self.relays[name], self.workers[name]
+                raise
         self._start_added(worker, self.workers, start)
         return worker
 
     def remove_worker(self, name: str) -> None:
-        """Stop a worker and forget it."""
+        """Stop a worker (and its relay) and forget it."""
         self._worker(name).stop()
         del self.workers[name]
+        relay = self.relays.pop(name, None)
+        if relay is not None:
+            relay.stop()
 
     def add_beat(self, name: str = "beat", *, scheduler: str | None = None, clock_offset: float = 0.0,
                  env: dict[str, str] | None = None, include: list[str] | None = None,
@@ -488,6 +540,34 @@ class LocalCluster(ClusterClient):
         if pending and not poll_until(reconnected, self.start_timeout, interval=0):
             raise ServiceError("redis", f"restarted, but workers {sorted(pending)} did not reconnect "
                                f"within {self.start_timeout:.0f} s", log=self.redis.log_path)
+
+    def partition(self, name: str, mode: str = "hold") -> dict:
+        """Cut worker ``name`` off from Redis (it must have been started with ``relay=True``).
+
+        ``mode="hold"``: nothing crosses, connections stay open and bytes wait
+        (TCP during a partition); ``"reset"``: every connection is reset and
+        new ones are refused (the far side rebooted). Returns the relay's stats.
+        """
+        return self._relay(name).set_mode(mode)
+
+    def heal(self, name: str) -> dict:
+        """Undo :meth:`partition` (and any :meth:`slow_link`): bytes flow again, held ones first."""
+        relay = self._relay(name)
+        relay.set_delay(0)
+        return relay.set_mode("forward")
+
+    def slow_link(self, name: str, seconds: float) -> dict:
+        """Delay every chunk between worker ``name`` and Redis by ``seconds`` (both ways)."""
+        return self._relay(name).set_delay(seconds)
+
+    def _relay(self, name: str) -> RelayService:
+        self._worker(name)
+        try:
+            return self.relays[name]
+        except KeyError:
+            raise ServiceError(name, "has no relay, so it cannot be partitioned",
+                               remedy=f"start it with cluster.add_worker({name!r}, relay=True) "
+                                      "or a worker spec with relay=True") from None
 
     def children(self, name: str) -> list[int]:
         """PIDs of a worker's pool processes."""

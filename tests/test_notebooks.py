@@ -86,7 +86,7 @@ def test_notebook_runs_at_workshop_parameters(path: Path, tmp_path: Path, reques
     from papermill.parameterize import parameterize_notebook
 
     params = LESSONS[path.name].WORKSHOP
-    # papermill's own loader: it gives every cell the `tags` list parameterize_notebook reads
+    # papermill's own loader gives every cell a `tags` list, which parameterize_notebook expects
     nb = parameterize_notebook(load_notebook_node(str(path)), params, kernel_name="python3", language="python")
     copy = tmp_path / path.name
     nbformat.write(nb, copy)

@@ -48,6 +48,7 @@ class WorkerSpec:
     loglevel: str = "INFO"
     env: dict[str, str] = field(default_factory=dict)
     clock_offset: float = 0.0  # seconds this worker's wall clock is ahead (+) or behind (-); libfaketime
+    relay: bool = False  # reach Redis through a relay the cluster can cut: cluster.partition(name)
 
     def __post_init__(self) -> None:
         if isinstance(self.queues, str):
@@ -151,6 +152,8 @@ class WorkerService(CeleryService):
             extra += f" clock {s.clock_offset:+g} s"
         if s.max_memory_per_child:
             extra += f" max {s.max_memory_per_child} KiB/child"
+        if s.relay:
+            extra += " via relay"
         return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
 
     def command(self) -> list[str]:
