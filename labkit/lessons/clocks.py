@@ -439,6 +439,7 @@ class BeatRun:
                                  "worker_skew": self.worker_skews[p["worker"]], "intended": intended,
                                  "picked": p["period"], "offset": period_offset(p["period"], intended),
                                  "lag": round(lag, 3), "rel": rel, "x": round(rel + lag, 3)})
+            rows.sort(key=lambda row: (row["beat"], row["worker_skew"]))
             out[variant] = Measurement(
                 label, "wrong picks", "picks", [1.0 if row["offset"] else 0.0 for row in rows], stat="sum",
                 meta={"variant": variant, "picks": rows, "beats": dict(self.skews), "workers": list(self.workers),
