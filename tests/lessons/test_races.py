@@ -13,7 +13,7 @@ from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster  # every test here starts real processes
 
-N_FILES, N_REPORTS = 100, 150
+N_FILES, N_REPORTS = 100, 200
 
 
 @pytest.fixture(scope="module")
