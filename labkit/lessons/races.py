@@ -510,36 +510,46 @@ def redelivery(cluster: ClusterLike, *, idempotent: bool = False, how: str = "cr
     retried publish after a lost confirmation looks exactly like this).
     Values: ``[entries in the ledger]``; ``meta["deliveries"]``: executions seen.
     """
-    if how not in ("crash", "duplicate"):
-        raise ValueError("how must be 'crash' or 'duplicate'")
-    run, _ = _new_run(cluster, "redeliver")
-    key = "invoice-42"
-    task = cluster.task(apply_effect)
-    task_id = f"{run}:msg"
-    copies = 1 if how == "crash" else 2
-    for _ in range(copies):
-        res = task.apply_async((run, key, idempotent, how == "crash"), task_id=task_id)
-    r = cluster.redis_client()
-    try:
-        # wait for two executions, and for every one that was not killed to finish
-        poll_until(lambda: r.llen(f"{run}:deliveries:{key}") >= 2 and r.llen(f"{run}:finished:{key}") >= copies,
-                   timeout, 0.05)
-        res.get(timeout=timeout, propagate=False)
-        deliveries = r.llen(f"{run}:deliveries:{key}")
-        applied = r.llen(f"{run}:ledger:{key}")
-    finally:
-        r.close()
-    label = f"fix: idempotent, {how}" if idempotent else f"naive: {how}"
-    dedup = bool(cluster.app.conf.worker_deduplicate_successful_tasks)
-    return Measurement(label, "effects applied", "times", [applied], stat="last",
-                       meta={"how": how, "idempotent": idempotent, "deliveries": int(deliveries),
-                             "state": res.state, "worker_deduplicate_successful_tasks": dedup})
+    return _Redelivery(cluster, idempotent, how).collect(timeout)
+
+
+class _Redelivery:
+    """One redelivery run, sent at once and collected later (so two can run side by side)."""
+
+    def __init__(self, cluster: ClusterLike, idempotent: bool, how: str) -> None:
+        if how not in ("crash", "duplicate"):
+            raise ValueError("how must be 'crash' or 'duplicate'")
+        self.cluster, self.idempotent, self.how = cluster, idempotent, how
+        self.run, _ = _new_run(cluster, "redeliver")
+        self.key = "invoice-42"
+        self.copies = 1 if how == "crash" else 2
+        task = cluster.task(apply_effect)
+        for _ in range(self.copies):
+            self.res = task.apply_async((self.run, self.key, idempotent, how == "crash"), task_id=f"{self.run}:msg")
+
+    def collect(self, timeout: float = 30) -> Measurement:
+        run, key = self.run, self.key
+        r = self.cluster.redis_client()
+        try:
+            # wait for two executions, and for every one that was not killed to finish
+            poll_until(lambda: r.llen(f"{run}:deliveries:{key}") >= 2
+                       and r.llen(f"{run}:finished:{key}") >= self.copies, timeout, 0.05)
+            self.res.get(timeout=timeout, propagate=False)
+            deliveries = r.llen(f"{run}:deliveries:{key}")
+            applied = r.llen(f"{run}:ledger:{key}")
+        finally:
+            r.close()
+        label = f"fix: idempotent, {self.how}" if self.idempotent else f"naive: {self.how}"
+        dedup = bool(self.cluster.app.conf.worker_deduplicate_successful_tasks)
+        return Measurement(label, "effects applied", "times", [applied], stat="last",
+                           meta={"how": self.how, "idempotent": self.idempotent, "deliveries": int(deliveries),
+                                 "state": self.res.state, "worker_deduplicate_successful_tasks": dedup})
 
 
 def compare_redelivery(cluster: ClusterLike, how: str = "crash") -> Comparison:
-    """One message delivered twice: naive vs idempotent consumer, effects in the ledger."""
-    return Comparison(redelivery(cluster, idempotent=False, how=how), redelivery(cluster, idempotent=True, how=how),
-                      better="lower", title=f"delivered twice ({how})")
+    """One message delivered twice: naive vs idempotent consumer (run side by side), effects in the ledger."""
+    naive, fixed = _Redelivery(cluster, False, how), _Redelivery(cluster, True, how)
+    return Comparison(naive.collect(), fixed.collect(), better="lower", title=f"delivered twice ({how})")
 
 
 @claim("a message delivered twice is applied twice by a naive consumer and once by an idempotent one")
