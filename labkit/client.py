@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from celery import Celery, Task
     from kazoo.client import KazooClient
 
+    from .dashboard import Dashboard
+    from .define import Defined
+
 
 def short_name(hostname: str) -> str:
     """``"w1@lk3f2a"`` -> ``"w1"``: the name lessons use for a worker."""
@@ -67,6 +70,7 @@ class ClusterClient:
     app: Celery
     state: Status
     _kernel_zk: KazooClient | None = None
+    _dashboard: Dashboard | None = None
 
     # -- addresses -------------------------------------------------------------
     @property
@@ -117,6 +121,18 @@ class ClusterClient:
             self._kernel_zk = client
         return client
 
+    def define(self, source: str, module: str | None = None, *, line_offset: int = 0,
+               timeout: float = 10.0) -> Defined:
+        """Load a module's source into this kernel and every worker, now and later; returns its tasks.
+
+        The module is named ``cell_<first function>`` unless ``module`` is
+        given; defining it again replaces its tasks everywhere. See
+        :mod:`labkit.define` for how it travels and what errors say.
+        """
+        from .define import define_on  # noqa: PLC0415
+
+        return define_on(self, source, module, line_offset=line_offset, timeout=timeout)
+
     def _worker_hostnames(self) -> list[str] | None:
         """Hostnames of the workers this cluster expects, or None when it cannot know."""
         return None
@@ -145,7 +161,32 @@ class ClusterClient:
             seen |= {h for r in replies for h in r if h in expected}
         return {short_name(h): h in seen for h in expected}
 
+    def _dashboard_options(self) -> dict[str, Any]:
+        """What a dashboard cannot ask the workers cheaply (a LocalCluster knows queues and pools)."""
+        return {}
+
+    def dashboard(self, *, interval: float = 0.5, window: float = 30.0) -> Dashboard:
+        """A live view of this cluster fed by Celery events (see :mod:`labkit.dashboard`).
+
+        Display it (last line of a cell) for a view that refreshes itself while
+        other cells run; ``snapshot()`` returns the numbers. One per cluster:
+        calling again returns the running one. It stops when the cluster closes.
+        Workers send task events only when started with ``-E``
+        (``LocalCluster(events=True)``).
+        """
+        from .dashboard import Dashboard  # noqa: PLC0415
+
+        if self._dashboard is not None and self._dashboard.running:
+            return self._dashboard
+        self._dashboard = Dashboard(self.app, self.redis_url, title=self.id, interval=interval, window=window,
+                                    **self._dashboard_options()).start()
+        return self._dashboard
+
     def _close_clients(self) -> None:
+        if self._dashboard is not None:
+            with contextlib.suppress(Exception):
+                self._dashboard.stop()
+            self._dashboard = None
         if self._kernel_zk is not None:
             with contextlib.suppress(Exception):
                 self._kernel_zk.stop()

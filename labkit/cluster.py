@@ -55,6 +55,7 @@ from .client import AttachedCluster, ClusterClient, attach
 from .poll import poll_until
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
 from .services.beat import BeatService
+from .services.flower import FlowerService
 from .services.launcher import LauncherService, preload_enabled
 from .services.redis import RedisService
 from .services.relay import RelayService
@@ -90,6 +91,11 @@ class LocalCluster(ClusterClient):
         0 for none, 1 for a standalone server, 3 (or any N >= 2) for an ensemble.
     worker_options:
         Options applied to every default worker (``concurrency=1``, ...).
+    events:
+        Turn on task events (``-E``) on every worker, also those added later
+        (a worker's own ``events=False`` wins). Off by default: events cost
+        the workers a little (lesson 05 measures it), and a monitor
+        (:meth:`dashboard`, :meth:`add_flower`) needs them.
     settings:
         Celery settings shared by ``cluster.app`` and every worker and beat.
     include:
@@ -131,6 +137,7 @@ class LocalCluster(ClusterClient):
         *,
         zookeeper: int = 1,
         worker_options: dict[str, Any] | None = None,
+        events: bool = False,
         settings: dict[str, Any] | None = None,
         include: list[str] | None = None,
         redis_port: int = 0,
@@ -145,7 +152,7 @@ class LocalCluster(ClusterClient):
             return
         # every argument is checked before anything touches the disk
         specs = self.check_options(workers, zookeeper=zookeeper, worker_options=worker_options,
-                                   settings=settings, include=include, redis_port=redis_port,
+                                   events=events, settings=settings, include=include, redis_port=redis_port,
                                    start_timeout=start_timeout, name=name, redis=redis)
         self._initialised = True
         self._reused = False
@@ -155,7 +162,8 @@ class LocalCluster(ClusterClient):
         self.start_timeout = start_timeout
         self.state = Status.NEW
         self.started_in: float | None = None
-        self._worker_options = dict(worker_options or {})
+        self.events = events
+        self._worker_options = {"events": True, **(worker_options or {})} if events else dict(worker_options or {})
         self._guard = None
         self._kernel_zk = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-", dir=run_root()))
@@ -184,6 +192,7 @@ class LocalCluster(ClusterClient):
         )
         self.workers: dict[str, WorkerService] = {}
         self.beats: dict[str, BeatService] = {}
+        self.flowers: dict[str, FlowerService] = {}
         self.app = make_app(self.redis_url, settings=self.settings, include=self.include)
         for spec in specs:
             self._make_worker(spec)
@@ -198,6 +207,7 @@ class LocalCluster(ClusterClient):
         *,
         zookeeper: int = 1,
         worker_options: dict[str, Any] | None = None,
+        events: bool = False,
         settings: dict[str, Any] | None = None,
         include: list[str] | None = None,
         redis_port: int = 0,
@@ -225,7 +235,9 @@ class LocalCluster(ClusterClient):
             raise ValueError(f"name must be letters, digits and '-', not {name!r}")
         if redis not in REDIS_MODES:
             raise ValueError(f"redis must be one of {REDIS_MODES}, not {redis!r}")
-        options = dict(worker_options or {})
+        if not isinstance(events, bool):
+            raise TypeError(f"events must be True or False, not {events!r}")
+        options = {"events": True, **(worker_options or {})} if events else dict(worker_options or {})
         if redis == "sentinel" and options.get("relay"):
             raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
         if isinstance(workers, bool) or not isinstance(workers, int | list | tuple):
@@ -302,7 +314,7 @@ class LocalCluster(ClusterClient):
         ha = self.sentinel.services if self.sentinel is not None else []
         launcher = [self.launcher] if self.launcher is not None and self.launcher.proc is not None else []
         return [self.redis, *ha, *self.zookeepers, *self.relays.values(), *launcher, *self.workers.values(),
-                *self.beats.values()]
+                *self.beats.values(), *self.flowers.values()]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> LocalCluster:
@@ -382,15 +394,17 @@ class LocalCluster(ClusterClient):
             return
         self.state = Status.CLOSING
         self._close_clients()
+        # clients of the broker first, the broker (and its relays) last: a worker that sends
+        # heartbeats publishes worker-offline on its way out, and hangs until SIGKILL if Redis is gone
         ha = self.sentinel.services[::-1] if self.sentinel is not None else []
-        ordered = [*self.beats.values(), *self.workers.values(), *self.relays.values(), *self.zookeepers,
-                   *ha, self.redis]
-        for s in ordered:
-            s.terminate()
-        for s in ordered:
-            s.finish()
-        if self.launcher is not None:  # after the workers: it reports their exits until they are gone
-            self.launcher.stop()
+        for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
+                      [*self.relays.values(), *self.zookeepers, *ha, self.redis]):
+            for s in group:
+                s.terminate()
+            for s in group:
+                s.finish()
+            if self.launcher is not None:  # after the workers: it reports their exits until they are gone
+                self.launcher.stop()
         if self._guard is not None and self._guard.poll() is None:
             self._guard.terminate()
             with contextlib.suppress(Exception):
@@ -472,6 +486,22 @@ class LocalCluster(ClusterClient):
             raise KeyError(f"{name!r} is not a beat; beats: {sorted(self.beats)}")
         beat.stop()
         del self.beats[name]
+
+    def add_flower(self, name: str = "flower", *, port: int = 0, enable_events: bool = False) -> FlowerService:
+        """Start Flower (Celery's web monitor) on 127.0.0.1; returns the service (``.url``, ``.auth``).
+
+        Basic auth is on with a generated password (``flower.auth``); Flower's
+        periodic ``enable_events`` broadcast is off unless ``enable_events=True``
+        (see :mod:`labkit.services.flower`). Listed in :meth:`status` and the
+        HTML repr; stopped first on :meth:`close`.
+        """
+        if self.state != Status.RUNNING:
+            raise RuntimeError(f"cluster {self.id} is {self.state}: start it before adding Flower")
+        self._check_new_name(name)
+        flower = FlowerService(name=name, port=port, enable_events=enable_events, **self._celery_env())
+        self.flowers[name] = flower
+        self._start_added(flower, self.flowers, True)
+        return flower
 
     def _start_added(self, service: Service, registry: dict[str, Any], start: bool) -> None:
         if start and self.state == Status.RUNNING:
@@ -595,6 +625,15 @@ class LocalCluster(ClusterClient):
     def _worker_hostnames(self) -> list[str]:
         return [w.hostname for w in self.workers.values()]
 
+    def _dashboard_options(self) -> dict[str, Any]:
+        def queues() -> list[str]:  # workers may be added later: read them at every refresh
+            return sorted({q for w in self.workers.values() for q in w.spec.queues})
+
+        def pools() -> dict[str, int]:
+            return {w.hostname: 1 if w.spec.pool == "solo" else w.spec.concurrency for w in self.workers.values()}
+
+        return {"queues": queues, "pools": pools}
+
     def logs(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a service's log."""
         return "\n".join(log_tail(self.service(name).log_path, lines))
@@ -637,6 +676,9 @@ class LocalCluster(ClusterClient):
             cells = [html.escape(str(v)) for v in (s["name"], s["kind"])]
             rest = [html.escape(str(v)) for v in
                     (s["pid"], s["address"], "" if s["ready_s"] is None else f"{s['ready_s']} s")]
+            if s["kind"] == "flower":  # the address is a web UI: make it a link
+                url = html.escape(s["address"].split(" ", 1)[0])
+                rest[1] = f"<a href='{url}' target='_blank'>{rest[1]}</a>"
             rows.append(
                 "<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
                 + f"<td style='text-align:left;color:{colour}'><b>{html.escape(s['state'])}</b></td>"
