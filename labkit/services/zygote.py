@@ -82,6 +82,7 @@ PRELOAD = (
     "encodings.idna",
     "redis",
     "psutil",
+    "labkit.define",  # what labkit.worker_app needs besides the app
 )
 #: Never preloaded: builds the app from the environment, which must happen after the fork.
 NEVER = ("labkit.worker_app",)
@@ -90,18 +91,31 @@ _PR_SET_PDEATHSIG = 1
 
 
 class EnvReads:
-    """Records the names of environment variables read through ``os.environ`` while active."""
+    """Records which environment variables imports read through ``os.environ`` while active.
+
+    ``names``: variables read one by one (``os.environ[...]``, ``get``, ``in``,
+    ``os.getenv``) — settings a module keeps from import time. ``snapshots``:
+    modules that copied the *whole* environment (iterating its items, e.g.
+    ``wsgiref.handlers``, which Celery's command line pulls in through
+    Flower's plugin); a copy is not a setting, so it is reported, not compared.
+    """
 
     def __init__(self) -> None:
         self.names: set[str] = set()
+        self.snapshots: set[str] = set()
         self._cls = type(os.environ)
         self._original = self._cls.__getitem__
 
     def __enter__(self) -> EnvReads:
-        original, names = self._original, self.names
+        original, names, snapshots = self._original, self.names, self.snapshots
 
         def recording(environ, key):
-            names.add(key)
+            caller = sys._getframe(1)
+            if caller.f_code.co_name == "__iter__" or (caller.f_code.co_name == "copy"
+                                                       and caller.f_globals.get("__name__") == "os"):
+                snapshots.add(_importer(caller))
+            else:
+                names.add(key)
             return original(environ, key)
 
         self._cls.__getitem__ = recording
@@ -109,6 +123,16 @@ class EnvReads:
 
     def __exit__(self, *exc) -> None:
         self._cls.__getitem__ = self._original
+
+
+def _importer(frame) -> str:
+    """The module whose code is running in ``frame`` or below it (skipping the mapping's own frames)."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "?")
+        if name not in ("os", "_collections_abc", "collections.abc") and not name.startswith("importlib"):
+            return name
+        frame = frame.f_back
+    return "?"
 
 
 def preload(modules: list[str]) -> dict:
@@ -134,6 +158,7 @@ def preload(modules: list[str]) -> dict:
         "preloaded": [m for m in modules if m not in failed and m not in NEVER],
         "failed": failed,
         "env_read": sorted(reads.names),
+        "env_snapshots": sorted(reads.snapshots),
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -299,7 +324,9 @@ def main(argv: list[str]) -> int:
         print(f"labkit launcher: importing the preload list started threads {alive}; a fork would not "
               "carry them. Start threads lazily (after the fork), or set LABKIT_PRELOAD=0.", flush=True)
         return 3
-    print(f"labkit launcher: preloaded {len(info['preloaded'])} module(s) in {info['seconds']:.2f} s"
+    print(f"labkit launcher: preloaded {len(info['preloaded'])} module(s) in {info['seconds']:.2f} s; "
+          f"variables read at import: {', '.join(info['env_read']) or 'none'}"
+          + (f"; whole environment copied by {', '.join(info['env_snapshots'])}" if info["env_snapshots"] else "")
           + (f"; could not import {info['failed']}" if info["failed"] else ""), flush=True)
     _send(sock, {"op": "hello", "pid": os.getpid(), **info})
     job = Zygote(sock).serve()

@@ -114,6 +114,17 @@ def test_env_reads_are_recorded_and_the_recorder_removed(monkeypatch):
     os.environ.get("LABKIT_TEST_AFTER")
     assert {"LABKIT_TEST_READ", "LABKIT_TEST_MISSING", "LABKIT_TEST_IN"} <= reads.names
     assert "LABKIT_TEST_AFTER" not in reads.names
+    assert not reads.snapshots
+
+
+def test_a_copy_of_the_whole_environment_is_a_snapshot_not_a_read(monkeypatch):
+    monkeypatch.setenv("LABKIT_TEST_COPIED", "x")
+    with zygote.EnvReads() as reads:
+        copied = dict(os.environ.items())
+        also = os.environ.copy()
+    assert copied["LABKIT_TEST_COPIED"] == also["LABKIT_TEST_COPIED"] == "x"
+    assert "LABKIT_TEST_COPIED" not in reads.names
+    assert reads.snapshots == {__name__}
 
 
 # --------------------------------------------------------------------------- ZooKeeper's class archive
