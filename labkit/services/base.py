@@ -19,7 +19,11 @@ ZooKeeper JVM, a ``celery worker``) and makes three promises:
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not
 the process. Children are therefore always forked from one long-lived
-spawner thread (:func:`spawn`), never from short-lived helper threads.
+spawner thread (:func:`spawn`), never from short-lived helper threads. The
+exception is a worker the cluster's launcher forks (:meth:`Service.launch`
+is where a subclass starts its process otherwise): its parent is the
+single-threaded launcher, whose own parent-death signal points here
+(:mod:`labkit.services.launcher`).
 """
 
 from __future__ import annotations
