@@ -44,7 +44,7 @@ lab: setup
 test: setup browser
 	$(PY) -m labkit.cli doctor --quiet
 	$(VENV)/bin/ruff check labkit tests bench
-	$(PY) -m pytest tests -v --durations=15 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
+	$(PY) -m pytest tests -v -n 2 --durations=25 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
 
 quick: venv
 	$(VENV)/bin/ruff check labkit tests bench

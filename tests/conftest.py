@@ -8,9 +8,8 @@
   process fails at once, so the fast tier stays fast and honest.
 
 ``make test`` runs the suite on two pytest-xdist workers. A test module
-that shares a module-scoped cluster stays on one worker (its tests form one
-``xdist_group``), so the cluster starts once; notebook runs are spread one
-by one.
+stays on one worker (its module-scoped cluster starts once); notebook runs
+are spread one by one (:func:`pytest_xdist_make_scheduler`).
 """
 
 from __future__ import annotations
@@ -31,10 +30,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None and item.path.name != "test_notebooks.py":
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """One work unit per test module, except notebook runs, which are spread one by one.
+
+    A module's tests share its module-scoped cluster and sometimes its state
+    (an IPython shell), so they stay together and in order on one worker.
+    (xdist's ``loadgroup`` would do this with marks, but it renames node ids,
+    which pytest 9.2 no longer allows.)
+    """
+    from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415
+
+    class ModulesAndNotebooks(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path.endswith("test_notebooks.py") else path
+
+    return ModulesAndNotebooks(config, log)
 
 
 @pytest.fixture(scope="module")
