@@ -41,6 +41,7 @@ test: setup
 	$(PY) -m labkit.cli doctor --quiet
 	$(VENV)/bin/ruff check labkit tests bench
 	$(PY) -m pytest tests -v --durations=15 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
+	cd examples/my_tasks && $(abspath $(PY)) -m pytest -q  # a project using only the pytest plugin
 
 quick: venv
 	$(VENV)/bin/ruff check labkit tests bench

@@ -1,7 +1,9 @@
 """Shared fixtures and the suite's two guarantees.
 
 * **No leaks.** After every test module, no process this session started is
-  still running (:func:`labkit.testing.assert_no_leftovers`).
+  still running (:func:`labkit.testing.assert_no_leftovers`), except the
+  clusters labkit's pytest plugin keeps for the session (``labkit_cluster``;
+  the kit sets ``labkit_max_idle = 0``, so it keeps none between modules).
 * **The fast tier starts nothing.** Tests are marked ``cluster`` (real
   processes) or ``notebook`` (runs a notebook); the rest are unit tests, and
   ``make quick`` runs just those. A unmarked test that tries to start a
@@ -34,9 +36,9 @@ def cluster():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _no_leaked_processes(request: pytest.FixtureRequest):
+def _no_leaked_processes(request: pytest.FixtureRequest, labkit_clusters: testing.ClusterPool):
     yield
-    testing.assert_no_leftovers(what=request.module.__name__)
+    testing.assert_no_leftovers(what=request.module.__name__, ignore=labkit_clusters.ids())
 
 
 @pytest.fixture(autouse=True)

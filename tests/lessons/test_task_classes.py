@@ -1,0 +1,91 @@
+"""Lesson 04's claims on a real cluster, through labkit's pytest plugin (``labkit_cluster``).
+
+Connections are counted by Redis itself (``INFO stats``, ``CLIENT LIST``),
+wrong answers and handler calls by the tasks and handlers in Redis.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit.lessons import task_classes
+from labkit.measure import Comparison
+
+pytestmark = [pytest.mark.cluster, pytest.mark.labkit(**task_classes.CLUSTER)]
+
+N = 200
+
+
+@pytest.fixture(scope="module")
+def connections(labkit_cluster) -> Comparison:
+    return task_classes.compare(labkit_cluster, n=N)
+
+
+@pytest.fixture(scope="module")
+def fork(labkit_cluster) -> Comparison:
+    return task_classes.compare_fork(labkit_cluster, n=N, rounds=20)
+
+
+@pytest.fixture(scope="module")
+def calls(labkit_cluster) -> dict:
+    return task_classes.handlers(labkit_cluster, time_limit=1.0)
+
+
+def test_task_classes_lazy_connection_opens_one_per_child(connections):
+    task_classes.lazy_connection_per_child(connections)
+    assert connections.before.meta["control"] == 0, connections.before.meta  # Celery's own: none
+
+
+def test_task_classes_claim_fails_without_the_fix(connections):
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        task_classes.lazy_connection_per_child(Comparison(connections.before, connections.before))
+
+
+def test_task_classes_connection_made_before_the_fork_is_shared(fork):
+    task_classes.connect_after_the_fork(fork)
+    assert fork.before.meta["db_connections_of_worker"] == 1 < fork.before.meta["children_used"]
+    assert fork.after.meta["db_connections_of_worker"] == fork.after.meta["children_used"]
+
+
+def test_task_classes_claim_fails_without_the_fix_fork(fork):
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        task_classes.connect_after_the_fork(Comparison(fork.before, fork.before))
+
+
+def test_task_classes_handlers_per_fate(calls):
+    def row(case: str) -> dict[str, int]:
+        i = task_classes.CASES.index(case)
+        return {h: int(calls[h].values[i]) for h in task_classes.HANDLERS if calls[h].values[i]}
+
+    assert row("success") == {"on_success": 1, "after_return": 1}
+    assert row("failure") == {"on_failure": 1, "after_return": 1, "task_failure": 1}
+    assert row("retry") == {"on_retry": 1, "on_success": 1, "after_return": 1}  # after_return: final attempt only
+    assert row("sigkill") == {"task_failure": 1}
+    assert row("time_limit")["on_failure"] == 1 and row("time_limit")["after_return"] == 1
+    assert calls["on_failure"].meta["where"]["time_limit"] == ["main"]  # run by the worker's main process
+    assert sum(calls["after_failure"].values) == 0
+
+
+def test_task_classes_on_failure_hears_failures(calls):
+    task_classes.on_failure_is_the_handler(task_classes.alerts(calls))
+
+
+def test_task_classes_claim_fails_without_the_fix_handler(calls):
+    alerts = task_classes.alerts(calls)
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        task_classes.on_failure_is_the_handler(Comparison(alerts.before, alerts.before))
+
+
+def test_task_classes_only_the_signal_hears_a_killed_child(calls):
+    task_classes.only_the_signal_hears_a_kill(task_classes.killed_child_alerts(calls))
+
+
+def test_task_classes_claim_fails_without_the_fix_signal(calls):
+    killed = task_classes.killed_child_alerts(calls)
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        task_classes.only_the_signal_hears_a_kill(Comparison(killed.before, killed.before))
+
+
+def test_task_classes_the_slide_as_printed():
+    assert isinstance(task_classes.run_the_slide(), NameError)
+    assert task_classes.who_reads_abstract() == []
