@@ -302,11 +302,18 @@ def cluster_options(config: pytest.Config, marker: pytest.Mark | None = None) ->
             raise pytest.UsageError("pytest.mark.labkit takes keyword arguments only (LocalCluster options)")
         options.update(marker.kwargs)
     for module in options.get("include") or []:
-        if importlib.util.find_spec(module.split(":")[0]) is None:
+        if not _importable(module):
             raise pytest.UsageError(
                 f"labkit: the workers are told to import {module!r}, but this session cannot import it "
                 "either; fix labkit_include, or put its directory on `pythonpath` (ini)")
     return options
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        return False
 
 
 # ============================================================================ hooks

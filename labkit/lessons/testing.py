@@ -11,7 +11,7 @@ levels and runs one test suite (``labkit/lessons/_testing_suite/``) at each:
 3. **in-process worker**: ``celery.contrib.testing.worker.start_worker`` — a
    real consumer in a thread of the test process, solo pool, in-memory broker;
 4. **prefork worker**: one real ``celery worker`` subprocess, one job at a time;
-5. **several workers**, one of them with a skewed clock (libfaketime);
+5. **two workers**, one of them with a skewed clock (libfaketime);
 6. **ramp up**: level 4's worker running 1, 2, 4, 8 jobs at once (its pool
    grown with the ``pool_grow`` control command, then shrunk back).
 
@@ -59,7 +59,7 @@ NOTEBOOK = "07_testing.ipynb"
 
 SUITE = Path(__file__).resolve().parent / "_testing_suite"
 LEVELS = {1: "call the function", 2: "eager mode", 3: "in-process worker",
-          4: "prefork worker", 5: "several workers, one skewed", 6: "ramp up"}
+          4: "prefork worker", 5: "two workers, one skewed", 6: "ramp up"}
 BUGS = {
     "non_json_argument": "a set passed as a task argument",
     "json_result": "a dict with int keys returned",
@@ -86,9 +86,12 @@ WORKSHOP = {"JOBS": 16, "SKEW": 120}
 
 
 def level5_config(skew: float = 60.0) -> dict[str, Any]:
-    """Level 5: two true-clock workers and one ``skew`` seconds ahead; ``worker_direct`` to reach each."""
-    return {"workers": [{"name": "a", "concurrency": 1}, {"name": "b", "concurrency": 1},
-                        {"name": "skewed", "concurrency": 1, "clock_offset": skew}],
+    """Level 5: a true-clock worker and one ``skew`` seconds ahead, one job at a time each.
+
+    ``worker_direct`` gives each worker a queue of its own, so a test can run
+    a task on every worker (``run.each``).
+    """
+    return {"workers": [{"name": "w1", "concurrency": 1}, {"name": "skewed", "concurrency": 1, "clock_offset": skew}],
             "zookeeper": 0, "settings": {"worker_direct": True}}
 
 
@@ -504,7 +507,7 @@ def level(cluster: LocalCluster, n: int = 1, *, jobs: int = 8, skew: float = 60.
     Levels 1–3 run in this process (``cluster`` only lends its Redis to the
     fixed code); level 4 uses ``cluster`` itself through the plugin (its
     shape must be ``CLUSTER``); level 5 has the plugin start a cluster of
-    three workers, one ``skew`` seconds ahead; level 6 runs the suite once
+    two workers, one ``skew`` seconds ahead; level 6 runs the suite once
     per step of ``steps`` concurrent jobs (``meta["ramp"]``).
     """
     margin = skew / 2
@@ -620,6 +623,28 @@ def ramp_exposes_the_race(ramp: Measurement) -> None:
            corrupted={c: s["corrupted"] for c, s in steps.items()})
     verify("the fixed code never corrupts", all(s["fixed_corrupted"] == 0 for s in steps.values()),
            fixed={c: s["fixed_corrupted"] for c, s in steps.items()})
+
+
+def json_round_trip(values: Sequence[Any]) -> Table:
+    """What each value becomes after the JSON round trip eager mode (and every real broker) applies.
+
+    Uses kombu's ``json`` serializer — the one Celery uses — in this process:
+    no cluster needed.
+    """
+    from kombu.exceptions import EncodeError  # noqa: PLC0415
+    from kombu.serialization import dumps, loads  # noqa: PLC0415
+
+    rows = []
+    for value in values:
+        try:
+            ctype, enc, data = dumps(value, serializer="json")
+            back: Any = loads(data, ctype, enc)
+            outcome = "same" if back == value and type(back) is type(value) else "changed"
+            shown = repr(back)
+        except EncodeError as exc:
+            outcome, shown = "refused", str(exc)[:60]
+        rows.append([repr(value), type(value).__name__, shown, outcome])
+    return Table(["sent", "type", "received", "round trip"], rows, title="kombu's JSON serializer, both ways")
 
 
 # ============================================================================ tables and plots
