@@ -426,13 +426,16 @@ def local_runner(level: int, redis_url: str) -> Runner:
 
 # ============================================================================ running the suite
 class _Collector:
-    """A pytest plugin object that keeps each test's outcome (the terminal output is kept too)."""
+    """A pytest plugin object that keeps each test's outcome, and any error outside a test's body."""
 
     def __init__(self) -> None:
-        self.outcomes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.outcomes: dict[tuple, dict[str, Any]] = {}
+        self.errors: list[str] = []
 
     def pytest_runtest_logreport(self, report: Any) -> None:
-        if report.when != "call" and not (report.failed or report.skipped):
+        if report.when != "call":
+            if report.failed:  # a fixture broke (a cluster that did not start): not a verdict on the code
+                self.errors.append(f"{report.nodeid} ({report.when}): {report.longreprtext[-1500:]}")
             return
         name = report.nodeid.split("::")[-1]  # test_<bug>[buggy] or, in a ramp, test_<bug>[c4-buggy]
         if "[" not in name:
@@ -442,12 +445,11 @@ class _Collector:
         variant = next(p for p in parts if p in CODE)
         step = next((int(p[1:]) for p in parts if p.startswith("c") and p[1:].isdigit()), 0)
         key = (bug, variant, step) if step else (bug, variant)
-        entry = self.outcomes.setdefault(key, {"outcome": "passed", "why": "", "props": {}})
-        if report.failed or report.skipped:
-            entry["outcome"] = "failed" if report.failed else "skipped"
+        entry = {"outcome": report.outcome, "why": "", "props": dict(report.user_properties)}
+        if report.failed:
             crash = getattr(report.longrepr, "reprcrash", None)
             entry["why"] = (crash.message if crash else str(report.longrepr)).splitlines()[0][:160]
-        entry["props"].update(dict(report.user_properties))
+        self.outcomes[key] = entry
 
 
 def run_suite(level: int, *, cluster_options: dict[str, Any] | None = None, redis_url: str = "",
@@ -461,8 +463,9 @@ def run_suite(level: int, *, cluster_options: dict[str, Any] | None = None, redi
     """
     import pytest  # noqa: PLC0415
 
-    args = [str(SUITE), "-c", str(SUITE / "pytest.ini"), "--rootdir", str(SUITE), "-q", "-p", "no:cacheprovider",
-            "-p", "no:timeout", "-p", "no:nbval", "-p", "no:xdist", "--level", str(level), "--jobs", str(jobs), "--margin", str(margin),
+    args = [str(SUITE), "-c", str(SUITE / "pytest.ini"), "--rootdir", str(SUITE), "-q", "--color=no",
+            "-p", "no:cacheprovider", "-p", "no:timeout", "-p", "no:nbval", "-p", "no:xdist",
+            "--level", str(level), "--jobs", str(jobs), "--margin", str(margin),
             "-o", "labkit_reuse=true", "-o", "labkit_max_idle=0", *extra]
     if redis_url:
         args += ["--redis-url", redis_url]
@@ -474,9 +477,10 @@ def run_suite(level: int, *, cluster_options: dict[str, Any] | None = None, redi
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = pytest.main(args, plugins=[collector])
-    if code not in (0, 1) or len(collector.outcomes) != 2 * len(BUGS) * max(1, len(ramp)):
-        raise RuntimeError(f"the seeded suite did not run at level {level} (pytest exit code {code}):\n"
-                           f"{out.getvalue()[-3000:]}")
+    if code not in (0, 1) or collector.errors or len(collector.outcomes) != 2 * len(BUGS) * max(1, len(ramp)):
+        details = "\n".join(collector.errors) or out.getvalue()[-3000:]
+        raise RuntimeError(f"the seeded suite did not run at level {level} (pytest exit code {code}, "
+                           f"{len(collector.outcomes)} test results):\n{details}")
     return collector.outcomes, out.getvalue()
 
 

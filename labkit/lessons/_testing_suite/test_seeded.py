@@ -29,7 +29,7 @@ def test_module_state(run, code, request):
     jobs = request.config.getoption("--jobs")
     sent = code.welcomes_sent(run, f"user-{uuid.uuid4().hex}", jobs)  # a retried sign-up fires it `jobs` times
     request.node.user_properties.append(("extra_emails", sent - 1))
-    assert sent == 1
+    assert sent == 1, f"{sent} welcome e-mails for one user"
 
 
 def test_shared_temp_file(run, code, request, tmp_path: Path):
@@ -38,7 +38,7 @@ def test_shared_temp_file(run, code, request, tmp_path: Path):
     corrupted = [i for i in ids if (tmp_path / f"report-{i}.txt").read_text()
                  != "".join(f"report {i} line {k}\n" for k in range(4))]
     request.node.user_properties.append(("corrupted", len(corrupted)))
-    assert not corrupted
+    assert not corrupted, f"reports {corrupted} hold lines of another report"
 
 
 def test_soft_time_limit(run, code):
@@ -52,7 +52,7 @@ def test_clock(run, code, request):
     now = time.time()
     reminders = [["pay the invoice", now - margin], ["call the client", now + margin]]
     answers = code.due(run, reminders)  # one answer per place the task can run
-    assert answers == [["pay the invoice"]] * len(answers)
+    assert answers == [["pay the invoice"]] * len(answers), f"due reminders, per worker: {answers}"
 
 
 @pytest.fixture(autouse=True)
