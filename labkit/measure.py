@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -176,6 +177,8 @@ class Comparison:
             problems.append(f"after = {fmt(self.after.value)} {self.unit} > allowed {fmt(after_at_most)}")
         if before_at_least is not None and not self.before.value >= before_at_least:
             problems.append(f"before = {fmt(self.before.value)} {self.unit} < expected {fmt(before_at_least)}")
+        _note(self.title or self.metric, not problems, before=self.before.value, after=self.after.value,
+              factor=self.factor)
         if problems:
             raise AssertionError(
                 f"{self.title or self.metric}: claim does not hold: " + "; ".join(problems)
@@ -216,8 +219,28 @@ class Comparison:
         return self.table()._repr_html_()
 
 
+CLAIMS_LOG = "LABKIT_CLAIMS_LOG"
+
+
+def _note(claim: str, ok: bool, **figures: Any) -> None:
+    """Append one checked claim and its figures to ``$LABKIT_CLAIMS_LOG`` (JSON lines), if set.
+
+    This is how ``labkit preflight`` reports each claim's measured figures
+    from notebooks it runs; without the variable nothing is written.
+    """
+    path = os.environ.get(CLAIMS_LOG)
+    if not path:
+        return
+    record = {"claim": claim, "ok": bool(ok), "time": time.time(),
+              "figures": {k: v if isinstance(v, int | float | str | bool) or v is None else repr(v)
+                          for k, v in figures.items()}}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
 def verify(claim: str, ok: bool, **figures: Any) -> None:
     """Assert a lesson's claim; on failure the message names the claim and every figure."""
+    _note(claim, ok, **figures)
     if not ok:
         shown = ", ".join(f"{k}={fmt(v) if isinstance(v, int | float) else v}" for k, v in figures.items())
         raise AssertionError(f"claim does not hold: {claim}" + (f" ({shown})" if shown else ""))

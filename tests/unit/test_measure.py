@@ -129,3 +129,15 @@ def test_concurrency_timeline_steps_up_and_down():
     steps = concurrency_timeline([(0, 2), (1, 3)])
     assert [level for _, level in steps] == [1, 2, 1, 0]
     assert max(level for _, level in concurrency_timeline([(0, 1), (1, 2)])) == 1  # end before start at a tie
+
+
+def test_checked_claims_are_logged_with_their_figures_when_asked(tmp_path, monkeypatch):
+    log = tmp_path / "claims.jsonl"
+    verify("not logged", True)
+    monkeypatch.setenv("LABKIT_CLAIMS_LOG", str(log))
+    verify("holds", True, n=3)
+    with pytest.raises(AssertionError):
+        Comparison(m("before", [1]), m("after", [1]), title="no gain").check(factor=2)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["claim"], r["ok"]) for r in records] == [("holds", True), ("no gain", False)]
+    assert records[0]["figures"] == {"n": 3} and records[1]["figures"]["factor"] == 1.0
