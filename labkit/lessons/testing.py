@@ -12,8 +12,8 @@ levels and runs one test suite (``labkit/lessons/_testing_suite/``) at each:
    real consumer in a thread of the test process, solo pool, in-memory broker;
 4. **prefork worker**: one real ``celery worker`` subprocess, one job at a time;
 5. **two workers**, one of them with a skewed clock (libfaketime);
-6. **ramp up**: level 4's worker running 1, 2, 4, 8 jobs at once (its pool
-   grown with the ``pool_grow`` control command, then shrunk back).
+6. **ramp up**: the suite once per step, on a worker running 1, 2, 4, then 8
+   jobs at once.
 
 Levels 4–6 run through labkit's pytest plugin (:mod:`labkit.testing`):
 the suite asks for ``labkit_cluster`` and the level chooses its shape.
@@ -380,14 +380,25 @@ class InProcessWorkerRunner(Runner):
 class ClusterRunner(Runner):
     """Levels 4–6: the real cluster's workers (prefork subprocesses) run the tasks.
 
+    ``queue`` sends every call to one queue (a ramp step's worker).
     ``each`` reaches every worker through its ``worker_direct`` queue when
     the cluster has that setting on; otherwise it is one ordinary call.
     """
 
-    def __init__(self, cluster: LocalCluster, level: int) -> None:
+    def __init__(self, cluster: LocalCluster, level: int, queue: str | None = None) -> None:
         super().__init__(cluster.app)
         self.cluster = cluster
         self.level = level
+        self.queue = queue
+
+    def __call__(self, task: Any, *args: Any) -> Any:
+        return self.many(task, [args])[0]
+
+    def many(self, task: Any, args_list: Sequence[tuple]) -> list[Any]:
+        t = self.app.tasks[task.name]
+        options = {"queue": self.queue} if self.queue else {}
+        results = [t.apply_async(args, **options) for args in args_list]
+        return [r.get(timeout=self.timeout) for r in results]
 
     def each(self, task: Any, *args: Any) -> list[Any]:
         if not self.app.conf.worker_direct:
@@ -397,24 +408,6 @@ class ClusterRunner(Runner):
         t = self.app.tasks[task.name]
         results = [t.apply_async(args, queue=worker_direct(w.hostname)) for w in self.cluster.workers.values()]
         return [r.get(timeout=self.timeout) for r in results]
-
-    def resize(self, concurrency: int, worker: str = "w1") -> int:
-        """Make ``worker`` run ``concurrency`` jobs at once (``pool_grow`` / ``pool_shrink``); returns the old size.
-
-        New pool children are forked from the worker's main process, so they
-        start with fresh module state, like the children of a new worker.
-        """
-        from labkit.poll import poll_until  # noqa: PLC0415
-
-        hostname = self.cluster.workers[worker].hostname
-        old = len(self.cluster.children(worker))
-        if concurrency > old:
-            self.app.control.pool_grow(concurrency - old, destination=[hostname], reply=True, timeout=10)
-        elif concurrency < old:
-            self.app.control.pool_shrink(old - concurrency, destination=[hostname], reply=True, timeout=10)
-        poll_until(lambda: len(self.cluster.children(worker)) == concurrency, 30, 0.05,
-                   what=f"{worker} to run {concurrency} pool children")
-        return old
 
 
 def local_runner(level: int, redis_url: str) -> Runner:
@@ -530,26 +523,31 @@ def level(cluster: LocalCluster, n: int = 1, *, jobs: int = 8, skew: float = 60.
     raise ValueError(f"level must be one of {sorted(LEVELS)}, not {n!r}")
 
 
-def ramp_config(top: int = 8) -> dict[str, Any]:
-    """Level 6's cluster: one worker started with ``top`` pool children (the ramp shrinks the pool)."""
-    return {"workers": [{"name": "w1", "concurrency": top}], "zookeeper": 0}
+def ramp_worker(concurrency: int) -> str:
+    """The name — and queue — of the ramp's worker that runs ``concurrency`` jobs at once."""
+    return f"c{concurrency}"
+
+
+def ramp_config(steps: Sequence[int] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Level 6's cluster: one worker per step, with that many pool children, on a queue of its own."""
+    return {"workers": [{"name": ramp_worker(c), "queues": [ramp_worker(c)], "concurrency": c}
+                        for c in sorted(set(steps))], "zookeeper": 0}
 
 
 def ramp(cluster: LocalCluster, *, steps: Sequence[int] = (1, 2, 4, 8), jobs: int = 8,
          margin: float = 30.0) -> Measurement:
     """Level 6: the suite once per step of concurrent jobs; a bug is caught if any step catches it.
 
-    The plugin starts one worker with ``max(steps)`` children; the suite
-    runs the biggest step first and shrinks the pool for each next one
-    (``pool_shrink`` takes effect at once; ``pool_grow`` waits for Celery's
-    five-second pool maintenance). ``meta["ramp"]`` holds, per step, the
+    The plugin starts one worker per step (``ramp_config``: ``c1`` runs one
+    job at a time, ``c8`` eight), all at once; each step of the suite sends
+    its tasks to its worker's queue. ``meta["ramp"]`` holds, per step, the
     verdicts and the damage the tests recorded: ``corrupted`` reports (the
     shared temp file) and ``extra_emails`` (module state).
     """
     if not steps or any(c < 1 for c in steps) or jobs < max(steps):
         raise ValueError(f"steps must be positive concurrencies no larger than jobs={jobs}: {steps!r}")
-    order = sorted(set(steps), reverse=True)
-    outcomes, output = run_suite(6, cluster_options=ramp_config(order[0]), redis_url=cluster.redis_url,
+    order = sorted(set(steps))
+    outcomes, output = run_suite(6, cluster_options=ramp_config(order), redis_url=cluster.redis_url,
                                  jobs=jobs, margin=margin, ramp=order)
     per_step: dict[int, dict[str, Any]] = {}
     merged: dict[tuple[str, str], dict[str, Any]] = {}
@@ -564,8 +562,7 @@ def ramp(cluster: LocalCluster, *, steps: Sequence[int] = (1, 2, 4, 8), jobs: in
         for key, entry in mine.items():  # a step that catches a bug catches it for the level
             if key not in merged or entry["outcome"] != "passed":
                 merged[key] = entry
-    return _level_measurement(6, merged, [output], jobs=jobs, steps=sorted(order),
-                              ramp=dict(sorted(per_step.items())))
+    return _level_measurement(6, merged, [output], jobs=jobs, steps=order, ramp=per_step)
 
 
 def matrix(cluster: LocalCluster, *, jobs: int = 8, skew: float = 60.0,
@@ -682,7 +679,7 @@ def ramp_table(ramp: Measurement) -> Table:
              sum(v == "caught" for v in s["verdicts"].values())]
             for c, s in sorted(ramp.meta["ramp"].items())]
     return Table(["concurrent jobs", "corrupted reports", "(fixed)", "extra e-mails", "(fixed)", "bugs caught"],
-                 rows, title=f"ramp up: {ramp.meta['jobs']} jobs sent at once to one worker")
+                 rows, title=f"ramp up: {ramp.meta['jobs']} jobs sent at once to a worker running 1, 2, 4 ... of them at a time")
 
 
 def plot_matrix(levels: dict[int, Measurement], ax=None):

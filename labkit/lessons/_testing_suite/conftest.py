@@ -25,8 +25,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="seconds between 'now' and the reminders of the clock test")
     group.addoption("--redis-url", default="", help="the Redis the fixed code keeps its state in")
     group.addoption("--ramp", default="",
-                    help="level 6: comma-separated concurrencies, e.g. 8,4,2,1: the whole suite runs once per "
-                         "step, the worker's pool shrunk to that many children")
+                    help="level 6: comma-separated concurrencies, e.g. 1,2,4,8: the whole suite runs once per "
+                         "step, on the cluster's worker c<N> (N pool children, queue c<N>)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -37,7 +37,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def concurrency(request: pytest.FixtureRequest) -> int:
-    """Level 6: how many jobs the worker runs at once in this step of the ramp (0: as started)."""
+    """Level 6: how many jobs run at once in this step of the ramp (0: no ramp)."""
     return getattr(request, "param", 0)
 
 
@@ -48,9 +48,11 @@ def run(request: pytest.FixtureRequest, concurrency: int) -> Iterator[testing.Ru
     with pytest.MonkeyPatch.context() as mp:
         if level >= 4:
             cluster = request.getfixturevalue("labkit_cluster")
-            runner: testing.Runner = testing.ClusterRunner(cluster, level)
-            if concurrency:
-                runner.resize(concurrency)  # pool_shrink / pool_grow; a ramp goes down: shrinking is quick
+            queue = testing.ramp_worker(concurrency) if concurrency else None
+            if queue and queue not in cluster.workers:
+                raise pytest.UsageError(f"--ramp step {concurrency} needs a worker {queue!r} "
+                                        f"(labkit_cluster = {testing.ramp_config([concurrency])!r})")
+            runner: testing.Runner = testing.ClusterRunner(cluster, level, queue)
         else:
             url = request.config.getoption("--redis-url") or os.environ.get("LABKIT_REDIS_URL") \
                 or request.getfixturevalue("labkit_cluster").redis_url
