@@ -29,9 +29,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two prefork workers and a standalone ZooKeeper, shared by one test module."""
-    with testing.cluster(workers=2) as c:
+def cluster(labkit_clusters: testing.ClusterPool):
+    """Two prefork workers and a standalone ZooKeeper, for one test module (closed when it ends)."""
+    with labkit_clusters.use(workers=2, zookeeper=1) as c:
         yield c
 
 

@@ -27,8 +27,10 @@ database" (each connection is a named Redis client, so Redis itself counts
 them: ``INFO stats`` ``total_connections_received`` and ``CLIENT LIST``):
 
 * **Connections.** A task that connects on every call opens one connection
-  per task; the slide's lazy ``db`` property opens one per pool child,
-  because each child runs its first task after the pool forked it.
+  per task; a lazy ``db`` property cached on the base class opens one per
+  pool child, because each child runs its first task after the pool forked
+  it. The slide caches it on ``self`` — the task instance, one per task type
+  in each process — which opens one per task type per child.
 * **Connected before the fork.** The same property, but the connection made
   at import time in the worker's main process (a module-level ``db =
   connect()``): every pool child inherits the *same socket*, their requests
@@ -63,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task, shared_task
 from celery.signals import task_failure, task_postrun, worker_process_init
 
-from labkit.app import redis_client, redis_url
+from labkit.app import redis_client, redis_url, worker_name
 from labkit.measure import Comparison, Measurement, claim, verify
 from labkit.poll import poll_until
 from labkit.table import Table
@@ -93,27 +95,28 @@ WORKSHOP = {"N": 400, "CONCURRENCY": 4}
 
 
 # ----------------------------------------------------------------------------- "the database"
-def connect():
-    """``Database.connect()``: one plain connection (a single-connection Redis client, named ``DB_NAME``).
+def connect(owner: str = "base"):
+    """``Database.connect()``: one plain connection (a single-connection Redis client).
 
     Like most database drivers' connection objects it owns exactly one
     socket and does not notice a ``fork()``; redis-py's default *pooled*
-    client would (its pool checks the pid and reconnects in a child).
+    client would (its pool checks the pid and reconnects in a child). The
+    connection is named ``lesson04-db-<owner>-<worker>-<pid that connected>``
+    so that Redis's ``CLIENT LIST`` tells who opened it.
     """
     import redis  # noqa: PLC0415
 
-    return redis.Redis.from_url(redis_url(), single_connection_client=True, client_name=DB_NAME,
+    name = f"{DB_NAME}-{owner}-{worker_name() or 'kernel'}-{os.getpid()}"
+    return redis.Redis.from_url(redis_url(), single_connection_client=True, client_name=name,
                                 socket_timeout=1.0, retry_on_timeout=False)
 
 
-class DBTask(Task):
-    """The slide's base class as it reads today: a lazy ``db`` per process, and a real handler.
+class SlideDBTask(Task):
+    """The slide's lazy property, as written: it caches the connection on ``self``.
 
-    ``_db`` starts as ``None`` on the class; the first task a process runs
-    creates the connection and stores it on that process's task instance.
-    In a prefork worker that is a pool child, after the fork: one connection
-    per child, reused by every later task in it. No ``abstract = True``:
-    Celery 4+ never registers a base class as a task.
+    ``self`` is the task: Celery keeps one instance per task *type* in each
+    process, so every task type on this base opens its own connection in
+    every pool child.
     """
 
     _db = None
@@ -121,8 +124,27 @@ class DBTask(Task):
     @property
     def db(self):
         if self._db is None:
-            self._db = connect()
+            self._db = connect("slide")
         return self._db
+
+
+class DBTask(Task):
+    """The base class to copy: one lazy connection per process, shared by every task on it, and a real handler.
+
+    ``DBTask._db`` starts as ``None``; the first task a process runs creates
+    the connection and stores it *on the base class*, so every later task of
+    any type in that process reuses it. In a prefork worker that first task
+    runs in a pool child, after the fork: one connection per child. No
+    ``abstract = True``: Celery 4+ never registers a base class as a task.
+    """
+
+    _db = None
+
+    @property
+    def db(self):
+        if DBTask._db is None:
+            DBTask._db = connect()
+        return DBTask._db
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # a real handler name
         redis_client().incr("lesson04:alerts")  # stands in for send_email('The task failed!')
@@ -146,7 +168,7 @@ def _connect_in_each_child(**_: Any) -> None:
 @shared_task(name="task_classes.per_call")
 def per_call(key: str) -> int:
     """Before: connect, use, close — on every call."""
-    db = connect()
+    db = connect("call")
     try:
         return db.incr(key)
     finally:
@@ -156,6 +178,18 @@ def per_call(key: str) -> int:
 @shared_task(base=DBTask, bind=True, name="task_classes.lazy")
 def lazy(self, key: str) -> int:
     """After: the same work through the base class's lazy, per-process ``self.db``."""
+    return self.db.incr(key)
+
+
+@shared_task(base=SlideDBTask, bind=True, name="task_classes.slide_get")
+def slide_get(self, key: str) -> int:
+    """The slide's property, task type one."""
+    return self.db.incr(key)
+
+
+@shared_task(base=SlideDBTask, bind=True, name="task_classes.slide_put")
+def slide_put(self, key: str) -> int:
+    """The slide's property, task type two (same work)."""
     return self.db.incr(key)
 
 
@@ -260,14 +294,20 @@ def _settled(kwargs: dict | None, signal: str) -> None:
 
 
 # ----------------------------------------------------------------------------- experiments
-def _redis_stats(r: Any) -> tuple[int, int]:
-    """(connections Redis has accepted so far, live connections named ``DB_NAME``), over client ``r``.
+def _redis_stats(r: Any, worker: str = "", owner: str = "") -> tuple[int, list[int]]:
+    """(connections Redis has accepted so far, pids that opened the live database connections).
 
-    Reuse one client for every reading: a new client is itself a new connection.
+    Only the connections of ``worker`` / ``owner`` when given. Reuse one
+    client ``r`` for every reading: a new client is itself a new connection.
     """
     total = int(r.info("stats")["total_connections_received"])
-    live = sum(1 for c in r.client_list() if c.get("name") == DB_NAME)
-    return total, live
+    pids = []
+    for c in r.client_list():
+        parts = c.get("name", "").split("-")  # lesson04, db, owner, worker, pid
+        if parts[:2] == DB_NAME.split("-") and len(parts) == 5 and worker in ("", parts[3]) \
+                and owner in ("", parts[2]):
+            pids.append(int(parts[4]))
+    return total, sorted(pids)
 
 
 def _batch(cluster: ClusterLike, task: Any, args_list: list[tuple], queue: str | None = None,
@@ -286,14 +326,15 @@ def connections(cluster: LocalCluster, style: str = "per_call", *, n: int = 200,
                 fresh: bool = True, label: str | None = None) -> Measurement:
     """Connections Redis accepted while ``n`` tasks each did one database call in ``style``.
 
-    ``style`` is ``per_call`` (connect on every call) or ``lazy`` (the base
-    class's per-process ``db``). With ``fresh`` the worker is restarted
+    ``style`` is ``per_call`` (connect on every call), ``slide`` (the
+    slide's property, cached per task type: the ``n`` tasks alternate two
+    types) or ``lazy`` (:class:`DBTask`, one per process). With ``fresh`` the worker is restarted
     first, so no child holds a connection yet. Before measuring, a warm-up
     batch of ``no_db`` tasks lets every child open Celery's own connections,
     and a control batch of ``no_db`` tasks (a quarter of ``n``, at least 50)
     measures what Celery alone opens meanwhile (``meta["control"]``, expected 0).
     """
-    tasks = {"per_call": per_call, "lazy": lazy}
+    tasks = {"per_call": [per_call], "slide": [slide_get, slide_put], "lazy": [lazy]}
     if style not in tasks:
         raise ValueError(f"style must be one of {sorted(tasks)}, not {style!r}")
     if fresh:
@@ -307,48 +348,59 @@ def connections(cluster: LocalCluster, style: str = "per_call", *, n: int = 200,
     _batch(cluster, no_db, [(key,)] * control_n)
     t1, _ = _redis_stats(r)
     start = time.perf_counter()
-    _batch(cluster, tasks[style], [(key,)] * n)
+    types = tasks[style]
+    results = [cluster.task(types[i % len(types)]).delay(key) for i in range(n)]
+    for result in results:
+        result.get(timeout=60)
     seconds = time.perf_counter() - start
-    t2, live = _redis_stats(r)
+    t2, live = _redis_stats(r, "w1", {"per_call": "call", "slide": "slide", "lazy": "base"}[style])
     done = int(r.get(key) or 0)
     r.delete(key)
     r.close()
-    default = {"per_call": "before: connect per call", "lazy": "after: lazy db per process"}[style]
+    default = {"per_call": "before: connect per call", "slide": "talk: lazy db per task type",
+               "lazy": "after: lazy db per process"}[style]
     return Measurement(label or default, "connections opened", "connections", [t2 - t1], stat="sum",
-                       meta={"style": style, "n": n, "concurrency": concurrency, "control": t1 - t0, "control_n": control_n,
-                             "live_db_connections": live, "done": done, "seconds": seconds})
+                       meta={"style": style, "n": n, "concurrency": concurrency, "task_types": len(types),
+                             "control": t1 - t0, "control_n": control_n, "live_db_connections": len(live),
+                             "done": done, "seconds": seconds})
 
 
 def forked_connection(cluster: LocalCluster, where: str = "before_fork", *, n: int = 200,
                       rounds: int = 20, concurrency: int = 2, label: str | None = None) -> Measurement:
     """Replies that went to the wrong pool child, over ``n`` tasks of ``rounds`` ECHOs each.
 
-    ``where="before_fork"`` runs the tasks on a worker that made the
-    connection at import time (the main process, before the pool forked);
-    ``where="after_fork"`` on a fresh worker whose children make it lazily;
-    ``where="process_init"`` on one whose children make it in Celery's
+    ``where="before_fork"`` runs the tasks on a worker started to make the
+    connection at import time (in its main process, before the pool forked);
+    ``where="after_fork"`` on ``w1``, whose children make it lazily;
+    ``where="process_init"`` on a worker whose children make it in Celery's
     ``worker_process_init`` signal, right after the fork. All run the same
-    task code from the same base class.
+    task code from the same base class, with ``concurrency`` children.
+    ``meta["connection_pids"]`` lists the processes that opened the
+    worker's live database connections (Redis ``CLIENT LIST``).
     """
-    envs = {"before_fork": {CONNECT_AT_IMPORT: "1"}, "after_fork": {}, "process_init": {CONNECT_IN_CHILD: "1"}}
-    if where not in envs:
-        raise ValueError(f"where must be one of {sorted(envs)}, not {where!r}")
-    env = envs[where]
-    if FORKED_WORKER in cluster.workers:
-        cluster.remove_worker(FORKED_WORKER)
+    envs = {"before_fork": {CONNECT_AT_IMPORT: "1"}, "process_init": {CONNECT_IN_CHILD: "1"}}
+    if where not in (*envs, "after_fork"):
+        raise ValueError(f"where must be one of {sorted([*envs, 'after_fork'])}, not {where!r}")
+    worker, queue = ("w1", None) if where == "after_fork" else (FORKED_WORKER, FORKED_QUEUE)
+    if where == "after_fork" and cluster.workers["w1"].spec.concurrency != concurrency:
+        raise ValueError(f"w1 runs {cluster.workers['w1'].spec.concurrency} children, not {concurrency}")
+    if where != "after_fork":
+        if FORKED_WORKER in cluster.workers:
+            cluster.remove_worker(FORKED_WORKER)
+        cluster.add_worker(FORKED_WORKER, queues=[FORKED_QUEUE], concurrency=concurrency, env=envs[where])
     r = cluster.redis_client()
-    _, live_before = _redis_stats(r)
-    cluster.add_worker(FORKED_WORKER, queues=[FORKED_QUEUE], concurrency=concurrency, env=env)
     try:
         run = f"lesson04:echo:{uuid.uuid4().hex[:8]}"
-        _batch(cluster, echo, [(run, rounds)] * n, queue=FORKED_QUEUE, timeout=120)
-        _, live = _redis_stats(r)
+        _batch(cluster, echo, [(run, rounds)] * n, queue=queue, timeout=120)
+        _, pids = _redis_stats(r, worker, "base")
         counts = {k.decode(): int(v) for k, v in r.hgetall(f"{run}:echo").items()}
         children = r.scard(f"{run}:pids")
+        main = cluster.workers[worker].pid
         r.delete(f"{run}:echo", f"{run}:pids")
-        r.close()
     finally:
-        cluster.remove_worker(FORKED_WORKER)
+        r.close()
+        if where != "after_fork":
+            cluster.remove_worker(FORKED_WORKER)
     wrong = counts.get("mixed", 0) + counts.get("errors", 0)
     default = {"before_fork": "before: connected before the fork",
                "after_fork": "after: connected after the fork",
@@ -357,7 +409,8 @@ def forked_connection(cluster: LocalCluster, where: str = "before_fork", *, n: i
                        meta={"where": where, "n": n, "rounds": rounds, "concurrency": concurrency,
                              "mixed": counts.get("mixed", 0), "errors": counts.get("errors", 0),
                              "requests": counts.get("rounds", 0), "children_used": children,
-                             "db_connections_of_worker": live - live_before})
+                             "db_connections_of_worker": len(pids), "connection_pids": pids,
+                             "opened_by_main_process": sum(p == main for p in pids)})
 
 
 def handlers(cluster: LocalCluster, *, time_limit: float = 1.0, timeout: float = 30.0,
@@ -466,6 +519,17 @@ def lazy_connection_per_child(comparison: Comparison) -> None:
            comparison.after.meta["live_db_connections"] <= children,
            live=comparison.after.meta["live_db_connections"], children=children)
     comparison.check(before_at_least=0.9 * n, after_at_most=children)
+
+
+@claim("cached on the base class, one connection serves every task type in a child; the slide's self._db opens one per type")
+def one_connection_per_process(comparison: Comparison) -> None:
+    children = comparison.after.meta["concurrency"]
+    verify("both runs did every database call", comparison.before.meta["done"] == comparison.before.meta["n"]
+           and comparison.after.meta["done"] == comparison.after.meta["n"])
+    verify(f"the base-class cache keeps at most {children} live connections",
+           comparison.after.meta["live_db_connections"] <= children,
+           live=comparison.after.meta["live_db_connections"], children=children)
+    comparison.check(before_at_least=children + 1, after_at_most=children)
 
 
 @claim("a connection made before the fork hands replies to the wrong child; made after it, none")

@@ -468,8 +468,13 @@ def run_suite(level: int, *, cluster_options: dict[str, Any] | None = None, redi
         args += ["--ramp", ",".join(str(c) for c in ramp)]
     collector = _Collector()
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = pytest.main(args, plugins=[collector])
+    caller_app = _current_app()  # a cluster the plugin starts makes its app current; give ours back
+    try:
+        with contextlib.redirect_stdout(out):
+            code = pytest.main(args, plugins=[collector])
+    finally:
+        caller_app.set_current()
+        caller_app.set_default()
     if code not in (0, 1) or collector.errors or len(collector.outcomes) != 2 * len(BUGS) * max(1, len(ramp)):
         details = "\n".join(collector.errors) or out.getvalue()[-3000:]
         raise RuntimeError(f"the seeded suite did not run at level {level} (pytest exit code {code}, "
@@ -679,7 +684,8 @@ def ramp_table(ramp: Measurement) -> Table:
              sum(v == "caught" for v in s["verdicts"].values())]
             for c, s in sorted(ramp.meta["ramp"].items())]
     return Table(["concurrent jobs", "corrupted reports", "(fixed)", "extra e-mails", "(fixed)", "bugs caught"],
-                 rows, title=f"ramp up: {ramp.meta['jobs']} jobs sent at once to a worker running 1, 2, 4 ... of them at a time")
+                 rows, title=f"ramp up: {ramp.meta['jobs']} jobs sent at once to a worker running "
+                             f"{', '.join(map(str, ramp.meta['steps']))} of them at a time")
 
 
 def plot_matrix(levels: dict[int, Measurement], ax=None):

@@ -22,6 +22,12 @@ def connections(labkit_cluster) -> Comparison:
 
 
 @pytest.fixture(scope="module")
+def per_type(labkit_cluster) -> Comparison:
+    slide = task_classes.connections(labkit_cluster, "slide", n=N)
+    return Comparison(slide, task_classes.connections(labkit_cluster, "lazy", n=N, fresh=False))
+
+
+@pytest.fixture(scope="module")
 def fork(labkit_cluster) -> Comparison:
     return task_classes.compare_fork(labkit_cluster, n=N, rounds=20)
 
@@ -41,10 +47,22 @@ def test_task_classes_claim_fails_without_the_fix(connections):
         task_classes.lazy_connection_per_child(Comparison(connections.before, connections.before))
 
 
+def test_task_classes_one_connection_per_process_not_per_task_type(per_type):
+    task_classes.one_connection_per_process(per_type)
+    assert per_type.before.meta["live_db_connections"] <= 2 * per_type.before.meta["concurrency"]
+
+
+def test_task_classes_claim_fails_without_the_fix_per_type(per_type):
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        task_classes.one_connection_per_process(Comparison(per_type.before, per_type.before))
+
+
 def test_task_classes_connection_made_before_the_fork_is_shared(fork):
     task_classes.connect_after_the_fork(fork)
     assert fork.before.meta["db_connections_of_worker"] == 1 < fork.before.meta["children_used"]
+    assert fork.before.meta["opened_by_main_process"] == 1  # made in the main process, used by every child
     assert fork.after.meta["db_connections_of_worker"] == fork.after.meta["children_used"]
+    assert fork.after.meta["opened_by_main_process"] == 0
 
 
 def test_task_classes_claim_fails_without_the_fix_fork(fork):
