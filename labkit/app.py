@@ -73,6 +73,30 @@ def make_app(
     return app
 
 
+def redis_from_url(url: str, master_name: str | None = None, **kwargs: Any):
+    """A redis-py client for ``redis://`` or for the primary behind ``sentinel://h:p;sentinel://h:p``.
+
+    A sentinel URL (the form kombu and Celery take) yields a client that asks
+    the sentinels for the current primary on every (re)connect, so it follows
+    a failover. ``master_name`` defaults to the one in the broker transport
+    options, else ``"labkit"``.
+    """
+    import redis  # noqa: PLC0415
+
+    if not url.startswith("sentinel://"):
+        return redis.Redis.from_url(url, **kwargs)
+    from redis.sentinel import Sentinel  # noqa: PLC0415
+
+    if master_name is None:
+        master_name = env_settings().get("broker_transport_options", {}).get("master_name", "labkit")
+    hosts = []
+    for part in url.split(";"):
+        host, _, port = part.split("://", 1)[1].split("/", 1)[0].rpartition(":")
+        hosts.append((host, int(port)))
+    probe = {"socket_timeout": 1, "socket_connect_timeout": 0.5}
+    return Sentinel(hosts, sentinel_kwargs=probe, **probe).master_for(master_name, **kwargs)
+
+
 # --------------------------------------------------------------------------- worker side
 
 _local = threading.local()
@@ -103,9 +127,7 @@ def _per_process(key: str, factory):
 
 def redis_client():
     """A redis-py client private to this process (created lazily after fork)."""
-    import redis  # noqa: PLC0415
-
-    return _per_process("redis", lambda: redis.Redis.from_url(redis_url(), socket_timeout=10))
+    return _per_process("redis", lambda: redis_from_url(redis_url(), socket_timeout=10))
 
 
 def zk_client():

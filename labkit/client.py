@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from celery import Celery, Task
     from kazoo.client import KazooClient
 
+    from .dashboard import Dashboard
+
 
 def short_name(hostname: str) -> str:
     """``"w1@lk3f2a"`` -> ``"w1"``: the name lessons use for a worker."""
@@ -67,6 +69,7 @@ class ClusterClient:
     app: Celery
     state: Status
     _kernel_zk: KazooClient | None = None
+    _dashboard: Dashboard | None = None
 
     # -- addresses -------------------------------------------------------------
     @property
@@ -90,11 +93,12 @@ class ClusterClient:
 
     def redis_client(self, **kwargs: Any) -> redis.Redis:
         """A new redis-py client for the cluster's Redis (short timeouts: faults are expected)."""
-        import redis  # noqa: PLC0415
+        from .app import redis_from_url  # noqa: PLC0415
 
         kwargs.setdefault("socket_timeout", 5)
         kwargs.setdefault("socket_connect_timeout", 2)
-        return redis.Redis.from_url(self.redis_url, **kwargs)
+        master = self.app.conf.broker_transport_options.get("master_name")
+        return redis_from_url(self.redis_url, master, **kwargs)
 
     def zk(self) -> KazooClient:
         """The kernel's kazoo client (started on first use, restarted if its session was lost)."""
@@ -144,7 +148,32 @@ class ClusterClient:
             seen |= {h for r in replies for h in r if h in expected}
         return {short_name(h): h in seen for h in expected}
 
+    def _dashboard_options(self) -> dict[str, Any]:
+        """What a dashboard cannot ask the workers cheaply (a LocalCluster knows queues and pools)."""
+        return {}
+
+    def dashboard(self, *, interval: float = 0.5, window: float = 30.0) -> Dashboard:
+        """A live view of this cluster fed by Celery events (see :mod:`labkit.dashboard`).
+
+        Display it (last line of a cell) for a view that refreshes itself while
+        other cells run; ``snapshot()`` returns the numbers. One per cluster:
+        calling again returns the running one. It stops when the cluster closes.
+        Workers send task events only when started with ``-E``
+        (``LocalCluster(events=True)``).
+        """
+        from .dashboard import Dashboard  # noqa: PLC0415
+
+        if self._dashboard is not None and self._dashboard.running:
+            return self._dashboard
+        self._dashboard = Dashboard(self.app, self.redis_url, title=self.id, interval=interval, window=window,
+                                    **self._dashboard_options()).start()
+        return self._dashboard
+
     def _close_clients(self) -> None:
+        if self._dashboard is not None:
+            with contextlib.suppress(Exception):
+                self._dashboard.stop()
+            self._dashboard = None
         if self._kernel_zk is not None:
             with contextlib.suppress(Exception):
                 self._kernel_zk.stop()
@@ -173,7 +202,7 @@ class AttachedCluster(ClusterClient):
 
     def __init__(self, redis_url: str, zk_hosts: str = "", settings: dict[str, Any] | None = None,
                  include: list[str] | None = None) -> None:
-        if not redis_url.startswith(("redis://", "rediss://")):
+        if not redis_url.startswith(("redis://", "rediss://", "sentinel://")):
             raise ValueError(f"redis_url must look like redis://host:port/db, not {redis_url!r}")
         self._redis_url, self._zk_hosts = redis_url, zk_hosts
         self.id = "attached:" + redis_url.split("://", 1)[1]

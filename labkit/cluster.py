@@ -19,7 +19,10 @@ What it promises (see the README's "Architecture"):
   returns the cluster already running in this process;
 * faults on demand: ``kill``/``pause``/``resume``/``restart`` any service by
   name (``"redis"``, ``"zk"`` or ``"zk2"``, ``"w1"``, a beat's name), or one
-  of a worker's pool children with ``child=i``.
+  of a worker's pool children with ``child=i``; ``partition``/``heal`` a
+  worker started with ``relay=True`` (:mod:`~labkit.services.relay`);
+  ``redis="sentinel"`` adds a replica and three sentinels
+  (:mod:`~labkit.services.sentinel`) so the primary can fail over.
 
 The client side (``app``, ``task``, ``ping``, ``redis_client``, ``zk``) is
 :class:`~labkit.client.ClusterClient`, shared with
@@ -47,19 +50,23 @@ from typing import Any, ClassVar
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .app import lesson_modules, make_app
+from .app import lesson_modules, make_app, merge_settings
 from .client import AttachedCluster, ClusterClient, attach
 from .poll import poll_until
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
 from .services.beat import BeatService
+from .services.flower import FlowerService
 from .services.redis import RedisService
+from .services.relay import RelayService
+from .services.sentinel import SentinelGroup, sentinel_group
 from .services.worker import WorkerService, WorkerSpec
 from .services.zookeeper import ZooKeeperService, ensemble, kazoo_session_ok
 from .status import Status
 
 __all__ = ["AttachedCluster", "LocalCluster", "attach", "run_root"]
 
-_RESERVED = ("redis", "zk", "guard")
+_RESERVED = ("redis", "zk", "guard", "replica")
+REDIS_MODES = ("single", "sentinel")
 
 
 def run_root() -> Path:
@@ -83,12 +90,21 @@ class LocalCluster(ClusterClient):
         0 for none, 1 for a standalone server, 3 (or any N >= 2) for an ensemble.
     worker_options:
         Options applied to every default worker (``concurrency=1``, ...).
+    events:
+        Turn on task events (``-E``) on every worker, also those added later
+        (a worker's own ``events=False`` wins). Off by default: events cost
+        the workers a little (lesson 05 measures it), and a monitor
+        (:meth:`dashboard`, :meth:`add_flower`) needs them.
     settings:
         Celery settings shared by ``cluster.app`` and every worker and beat.
     include:
         Modules whose tasks the workers import (default: every lesson module).
     redis_port, appendonly:
         Pin Redis to a port (default: a free one); turn on its append-only file.
+    redis:
+        ``"single"`` (one server) or ``"sentinel"``: a primary, a replica and
+        three sentinels; every client reaches the primary through the
+        sentinels (``sentinel://`` URLs), so it follows a failover.
     reuse:
         Return the cluster already running in this process with the same
         arguments instead of starting a second one (default True).
@@ -120,10 +136,12 @@ class LocalCluster(ClusterClient):
         *,
         zookeeper: int = 1,
         worker_options: dict[str, Any] | None = None,
+        events: bool = False,
         settings: dict[str, Any] | None = None,
         include: list[str] | None = None,
         redis_port: int = 0,
         appendonly: bool = False,
+        redis: str = "single",
         start: bool = True,
         start_timeout: float = 60.0,
         reuse: bool = True,
@@ -133,8 +151,8 @@ class LocalCluster(ClusterClient):
             return
         # every argument is checked before anything touches the disk
         specs = self.check_options(workers, zookeeper=zookeeper, worker_options=worker_options,
-                                   settings=settings, include=include, redis_port=redis_port,
-                                   start_timeout=start_timeout, name=name)
+                                   events=events, settings=settings, include=include, redis_port=redis_port,
+                                   start_timeout=start_timeout, name=name, redis=redis)
         self._initialised = True
         self._reused = False
         self.id = name or f"lk{uuid.uuid4().hex[:6]}"
@@ -143,7 +161,8 @@ class LocalCluster(ClusterClient):
         self.start_timeout = start_timeout
         self.state = Status.NEW
         self.started_in: float | None = None
-        self._worker_options = dict(worker_options or {})
+        self.events = events
+        self._worker_options = {"events": True, **(worker_options or {})} if events else dict(worker_options or {})
         self._guard = None
         self._kernel_zk = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-", dir=run_root()))
@@ -152,6 +171,13 @@ class LocalCluster(ClusterClient):
             name="redis", run_dir=self.run_dir, cluster_id=self.id, port=redis_port or free_port(),
             appendonly=appendonly, on_spawn=self._record,
         )
+        self.sentinel: SentinelGroup | None = None
+        if redis == "sentinel":
+            self.sentinel = sentinel_group(self.redis, self.run_dir, self.id)
+            for s in self.sentinel.services:
+                s.on_spawn = self._record
+            self.settings = merge_settings(self.sentinel.settings(), self.settings)
+        self.relays: dict[str, RelayService] = {}
         self.zookeepers: list[ZooKeeperService] = (
             ensemble(zookeeper, self.run_dir, self.id) if zookeeper else []
         )
@@ -159,7 +185,8 @@ class LocalCluster(ClusterClient):
             zk.on_spawn = self._record
         self.workers: dict[str, WorkerService] = {}
         self.beats: dict[str, BeatService] = {}
-        self.app = make_app(self.redis.url, settings=self.settings, include=self.include)
+        self.flowers: dict[str, FlowerService] = {}
+        self.app = make_app(self.redis_url, settings=self.settings, include=self.include)
         for spec in specs:
             self._make_worker(spec)
         if start:
@@ -173,11 +200,13 @@ class LocalCluster(ClusterClient):
         *,
         zookeeper: int = 1,
         worker_options: dict[str, Any] | None = None,
+        events: bool = False,
         settings: dict[str, Any] | None = None,
         include: list[str] | None = None,
         redis_port: int = 0,
         start_timeout: float = 60.0,
         name: str | None = None,
+        redis: str = "single",
         **_ignored: Any,
     ) -> list[WorkerSpec]:
         """Validate ``LocalCluster`` arguments without starting anything; returns the worker specs.
@@ -197,7 +226,13 @@ class LocalCluster(ClusterClient):
             raise ValueError(f"start_timeout must be a positive number of seconds, not {start_timeout!r}")
         if name is not None and (not isinstance(name, str) or not name.replace("-", "").isalnum()):
             raise ValueError(f"name must be letters, digits and '-', not {name!r}")
-        options = dict(worker_options or {})
+        if redis not in REDIS_MODES:
+            raise ValueError(f"redis must be one of {REDIS_MODES}, not {redis!r}")
+        if not isinstance(events, bool):
+            raise TypeError(f"events must be True or False, not {events!r}")
+        options = {"events": True, **(worker_options or {})} if events else dict(worker_options or {})
+        if redis == "sentinel" and options.get("relay"):
+            raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
         if isinstance(workers, bool) or not isinstance(workers, int | list | tuple):
             raise ValueError(f"workers must be a count or a list of worker specs, not {workers!r}")
         if isinstance(workers, int):
@@ -215,28 +250,37 @@ class LocalCluster(ClusterClient):
                 raise ValueError(f"worker spec must be a WorkerSpec or dict, not {item!r}")
             spec.name = spec.name or f"w{i}"
             specs.append(spec)
+        if redis == "sentinel" and any(s.relay for s in specs):
+            raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique: {names}")
-        clash = [n for n in names if n in _RESERVED or n.startswith("zk")]
+        clash = [n for n in names if n in _RESERVED or n.startswith(("zk", "sentinel"))]
         if clash:
             raise ValueError(f"worker names {clash} are reserved for the cluster's own services")
         return specs
 
     def _check_new_name(self, name: str) -> None:
         taken = {s.name for s in self.services}
-        if name in taken or name in _RESERVED or name.startswith("zk"):
+        if name in taken or name in _RESERVED or name.startswith(("zk", "sentinel")):
             raise ValueError(f"a service named {name!r} already exists in this cluster (or the name is reserved)")
 
     def _celery_env(self) -> dict[str, Any]:
         """What every Celery process of this cluster is told (see CeleryService)."""
-        return {"run_dir": self.run_dir, "cluster_id": self.id, "redis_url": self.redis.url,
+        return {"run_dir": self.run_dir, "cluster_id": self.id, "redis_url": self.redis_url,
                 "zk_hosts": self.zk_hosts, "settings": self.settings, "on_spawn": self._record}
 
     def _make_worker(self, spec: WorkerSpec) -> WorkerService:
         self._check_new_name(spec.name)
-        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one,
-                               **self._celery_env())
+        env = self._celery_env()
+        if spec.relay:
+            if self.sentinel is not None:
+                raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
+            relay = RelayService(name=f"{spec.name}-relay", run_dir=self.run_dir, cluster_id=self.id,
+                                 target_port=self.redis.port, for_worker=spec.name, on_spawn=self._record)
+            self.relays[spec.name] = relay
+            env["redis_url"] = relay.url
+        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one, **env)
         self.workers[spec.name] = worker
         return worker
 
@@ -249,7 +293,8 @@ class LocalCluster(ClusterClient):
     # ------------------------------------------------------------------ addresses
     @property
     def redis_url(self) -> str:
-        return self.redis.url
+        """What every client of the cluster uses: Redis's URL, or the sentinels' with ``redis="sentinel"``."""
+        return self.sentinel.url if self.sentinel is not None else self.redis.url
 
     @property
     def zk_hosts(self) -> str:
@@ -258,7 +303,9 @@ class LocalCluster(ClusterClient):
 
     @property
     def services(self) -> list[Service]:
-        return [self.redis, *self.zookeepers, *self.workers.values(), *self.beats.values()]
+        ha = self.sentinel.services if self.sentinel is not None else []
+        return [self.redis, *ha, *self.zookeepers, *self.relays.values(), *self.workers.values(),
+                *self.beats.values(), *self.flowers.values()]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> LocalCluster:
@@ -276,11 +323,15 @@ class LocalCluster(ClusterClient):
             for zk in self.zookeepers:
                 zk.spawn()
             self._wait_all([self.redis])
+            ha = self.sentinel.services if self.sentinel is not None else []
+            for s in [*ha, *self.relays.values()]:
+                s.spawn()
+            self._wait_all(list(self.relays.values()))  # a worker's first connection goes through its relay
             for worker in self.workers.values():
                 worker.spawn()
             for beat in self.beats.values():
                 beat.spawn()
-            self._wait_all([*self.zookeepers, *self.workers.values(), *self.beats.values()])
+            self._wait_all([*ha, *self.zookeepers, *self.workers.values(), *self.beats.values()])
             if len(self.zookeepers) > 1 and not kazoo_session_ok(self.zk_hosts, timeout=10):
                 raise ServiceError("zookeeper", "ensemble nodes are up but no kazoo session could be opened",
                                    log=self.zookeepers[0].log_path)
@@ -331,11 +382,15 @@ class LocalCluster(ClusterClient):
             return
         self.state = Status.CLOSING
         self._close_clients()
-        ordered = [*self.beats.values(), *self.workers.values(), *self.zookeepers, self.redis]
-        for s in ordered:
-            s.terminate()
-        for s in ordered:
-            s.finish()
+        # clients of the broker first, the broker (and its relays) last: a worker that sends
+        # heartbeats publishes worker-offline on its way out, and hangs until SIGKILL if Redis is gone
+        ha = self.sentinel.services[::-1] if self.sentinel is not None else []
+        for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
+                      [*self.relays.values(), *self.zookeepers, *ha, self.redis]):
+            for s in group:
+                s.terminate()
+            for s in group:
+                s.finish()
         if self._guard is not None and self._guard.poll() is None:
             self._guard.terminate()
             with contextlib.suppress(Exception):
@@ -371,13 +426,24 @@ class LocalCluster(ClusterClient):
             name = f"w{i}"
         spec = WorkerSpec.from_options(name, **{**self._worker_options, **options})
         worker = self._make_worker(spec)
+        relay = self.relays.get(name)
+        if relay is not None and start and self.state == Status.RUNNING:
+            try:
+                relay.start(self.start_timeout)
+            except BaseException:
+                relay.stop()
+                del self.relays[name], self.workers[name]
+                raise
         self._start_added(worker, self.workers, start)
         return worker
 
     def remove_worker(self, name: str) -> None:
-        """Stop a worker and forget it."""
+        """Stop a worker (and its relay) and forget it."""
         self._worker(name).stop()
         del self.workers[name]
+        relay = self.relays.pop(name, None)
+        if relay is not None:
+            relay.stop()
 
     def add_beat(self, name: str = "beat", *, scheduler: str | None = None, clock_offset: float = 0.0,
                  env: dict[str, str] | None = None, include: list[str] | None = None,
@@ -406,6 +472,22 @@ class LocalCluster(ClusterClient):
             raise KeyError(f"{name!r} is not a beat; beats: {sorted(self.beats)}")
         beat.stop()
         del self.beats[name]
+
+    def add_flower(self, name: str = "flower", *, port: int = 0, enable_events: bool = False) -> FlowerService:
+        """Start Flower (Celery's web monitor) on 127.0.0.1; returns the service (``.url``, ``.auth``).
+
+        Basic auth is on with a generated password (``flower.auth``); Flower's
+        periodic ``enable_events`` broadcast is off unless ``enable_events=True``
+        (see :mod:`labkit.services.flower`). Listed in :meth:`status` and the
+        HTML repr; stopped first on :meth:`close`.
+        """
+        if self.state != Status.RUNNING:
+            raise RuntimeError(f"cluster {self.id} is {self.state}: start it before adding Flower")
+        self._check_new_name(name)
+        flower = FlowerService(name=name, port=port, enable_events=enable_events, **self._celery_env())
+        self.flowers[name] = flower
+        self._start_added(flower, self.flowers, True)
+        return flower
 
     def _start_added(self, service: Service, registry: dict[str, Any], start: bool) -> None:
         if start and self.state == Status.RUNNING:
@@ -489,6 +571,34 @@ class LocalCluster(ClusterClient):
             raise ServiceError("redis", f"restarted, but workers {sorted(pending)} did not reconnect "
                                f"within {self.start_timeout:.0f} s", log=self.redis.log_path)
 
+    def partition(self, name: str, mode: str = "hold") -> dict:
+        """Cut worker ``name`` off from Redis (it must have been started with ``relay=True``).
+
+        ``mode="hold"``: nothing crosses, connections stay open and bytes wait
+        (TCP during a partition); ``"reset"``: every connection is reset and
+        new ones are refused (the far side rebooted). Returns the relay's stats.
+        """
+        return self._relay(name).set_mode(mode)
+
+    def heal(self, name: str) -> dict:
+        """Undo :meth:`partition` (and any :meth:`slow_link`): bytes flow again, held ones first."""
+        relay = self._relay(name)
+        relay.set_delay(0)
+        return relay.set_mode("forward")
+
+    def slow_link(self, name: str, seconds: float) -> dict:
+        """Delay every chunk between worker ``name`` and Redis by ``seconds`` (both ways)."""
+        return self._relay(name).set_delay(seconds)
+
+    def _relay(self, name: str) -> RelayService:
+        self._worker(name)
+        try:
+            return self.relays[name]
+        except KeyError:
+            raise ServiceError(name, "has no relay, so it cannot be partitioned",
+                               remedy=f"start it with cluster.add_worker({name!r}, relay=True) "
+                                      "or a worker spec with relay=True") from None
+
     def children(self, name: str) -> list[int]:
         """PIDs of a worker's pool processes."""
         return self._worker(name).children()
@@ -500,6 +610,15 @@ class LocalCluster(ClusterClient):
 
     def _worker_hostnames(self) -> list[str]:
         return [w.hostname for w in self.workers.values()]
+
+    def _dashboard_options(self) -> dict[str, Any]:
+        def queues() -> list[str]:  # workers may be added later: read them at every refresh
+            return sorted({q for w in self.workers.values() for q in w.spec.queues})
+
+        def pools() -> dict[str, int]:
+            return {w.hostname: 1 if w.spec.pool == "solo" else w.spec.concurrency for w in self.workers.values()}
+
+        return {"queues": queues, "pools": pools}
 
     def logs(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a service's log."""
@@ -543,6 +662,9 @@ class LocalCluster(ClusterClient):
             cells = [html.escape(str(v)) for v in (s["name"], s["kind"])]
             rest = [html.escape(str(v)) for v in
                     (s["pid"], s["address"], "" if s["ready_s"] is None else f"{s['ready_s']} s")]
+            if s["kind"] == "flower":  # the address is a web UI: make it a link
+                url = html.escape(s["address"].split(" ", 1)[0])
+                rest[1] = f"<a href='{url}' target='_blank'>{rest[1]}</a>"
             rows.append(
                 "<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
                 + f"<td style='text-align:left;color:{colour}'><b>{html.escape(s['state'])}</b></td>"

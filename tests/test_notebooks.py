@@ -82,10 +82,12 @@ WORKSHOP = [p for p in NOTEBOOKS if getattr(LESSONS.get(p.name), "WORKSHOP", Non
 def test_notebook_runs_at_workshop_parameters(path: Path, tmp_path: Path, request: pytest.FixtureRequest):
     """The same notebook with its lesson's ``WORKSHOP`` values: thresholds must follow the parameters."""
     import nbformat
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
     params = LESSONS[path.name].WORKSHOP
-    nb = parameterize_notebook(nbformat.read(path, as_version=4), params, kernel_name="python3", language="python")
+    # papermill's own loader gives every cell a `tags` list, which parameterize_notebook expects
+    nb = parameterize_notebook(load_notebook_node(str(path)), params, kernel_name="python3", language="python")
     copy = tmp_path / path.name
     nbformat.write(nb, copy)
     _check(_run_nbval(copy, path.parent, request.config.getoption("--nb-cell-timeout")),

@@ -7,7 +7,9 @@ the worker wrote its ready marker (Celery's ``worker_ready`` signal) *and*
 answers a control ping addressed to its hostname.
 
 Gossip, mingle and heartbeats are off: they cost about a second at start-up
-and no lesson needs workers to discover each other.
+and no lesson needs workers to discover each other. A worker that a monitor
+must be able to declare dead asks for heartbeats (``heartbeat=2``: a
+``worker-heartbeat`` event every 2 s; lesson 05).
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ class WorkerSpec:
     max_memory_per_child: int | None = None  # KiB of resident memory; checked after each task
     soft_time_limit: float | None = None
     time_limit: float | None = None
-    autoscale: tuple[int, int] | None = None
+    autoscale: tuple[int, int] | None = None  # (min, max) pool processes; ``--autoscale max,min``
+    optimization: str | None = None  # ``-O``: "default" or "fair" (the same strategy since Celery 4.0)
     events: bool = False
+    heartbeat: int | None = None  # seconds between worker-heartbeat events; None: --without-heartbeat
     loglevel: str = "INFO"
     env: dict[str, str] = field(default_factory=dict)
     clock_offset: float = 0.0  # seconds this worker's wall clock is ahead (+) or behind (-); libfaketime
+    relay: bool = False  # reach Redis through a relay the cluster can cut: cluster.partition(name)
 
     def __post_init__(self) -> None:
         if isinstance(self.queues, str):
@@ -58,6 +63,8 @@ class WorkerSpec:
             raise ValueError("a worker needs at least one queue")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, not {self.pool!r}")
+        if self.optimization not in (None, "default", "fair"):
+            raise ValueError(f"optimization (-O) must be 'default' or 'fair', not {self.optimization!r}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {self.concurrency}")
         if self.name and not self.name.replace("-", "").replace("_", "").isalnum():
@@ -66,6 +73,9 @@ class WorkerSpec:
                 or not math.isfinite(self.clock_offset):
             raise ValueError(f"clock_offset must be a finite number of seconds, not {self.clock_offset!r}")
         self.clock_offset = float(self.clock_offset)
+        if self.heartbeat is not None and (isinstance(self.heartbeat, bool) or not isinstance(self.heartbeat, int)
+                                           or self.heartbeat < 1):
+            raise ValueError(f"heartbeat must be None (off) or whole seconds >= 1, not {self.heartbeat!r}")
 
     @classmethod
     def from_options(cls, name: str, **options) -> WorkerSpec:
@@ -151,6 +161,12 @@ class WorkerService(CeleryService):
             extra += f" clock {s.clock_offset:+g} s"
         if s.max_memory_per_child:
             extra += f" max {s.max_memory_per_child} KiB/child"
+        if s.events:
+            extra += " events"
+        if s.heartbeat:
+            extra += f" heartbeat {s.heartbeat} s"
+        if s.relay:
+            extra += " via relay"
         return f"{self.hostname} [{','.join(s.queues)}] {s.pool}{extra}"
 
     def command(self) -> list[str]:
@@ -161,8 +177,9 @@ class WorkerService(CeleryService):
             "--queues", ",".join(s.queues),
             "--pool", s.pool,
             "--loglevel", s.loglevel,
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--without-gossip", "--without-mingle",
         ]
+        cmd += ["--without-heartbeat"] if s.heartbeat is None else ["--heartbeat-interval", str(s.heartbeat)]
         if s.pool != "solo":
             cmd += ["--concurrency", str(s.concurrency)]
         if s.autoscale:
@@ -171,6 +188,8 @@ class WorkerService(CeleryService):
             cmd += ["--prefetch-multiplier", str(s.prefetch_multiplier)]
         if s.disable_prefetch:
             cmd += ["--disable-prefetch"]
+        if s.optimization is not None:
+            cmd += ["-O", s.optimization]
         if s.max_tasks_per_child is not None:
             cmd += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
         if s.max_memory_per_child is not None:

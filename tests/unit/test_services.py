@@ -142,3 +142,30 @@ def test_labkit_down_prunes_ownerless_and_empty_run_dirs(tmp_path, monkeypatch):
     (live / "cluster.json").write_text(json.dumps({"owner_pid": os.getpid()}))
     assert _prune_run_dirs(keep=set()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lklive-1", "lknew-1"]
+
+
+def test_heartbeats_are_off_unless_a_worker_asks_for_them(tmp_path):
+    assert "--without-heartbeat" in worker(tmp_path).command()
+    cmd = " ".join(worker(tmp_path, heartbeat=2).command())
+    assert "--heartbeat-interval 2" in cmd and "--without-heartbeat" not in cmd
+    with pytest.raises(ValueError, match="heartbeat must be"):
+        WorkerSpec(name="w1", heartbeat=0.5)
+
+
+def test_cluster_events_turn_on_task_events_unless_a_worker_says_no():
+    specs = LocalCluster.check_options([{"name": "a"}, {"name": "b", "events": False}], events=True)
+    assert [s.events for s in specs] == [True, False]
+    assert [s.events for s in LocalCluster.check_options(2)] == [False, False]
+    with pytest.raises(TypeError, match="events must be"):
+        LocalCluster.check_options(1, events="yes")
+
+
+def test_flower_binds_loopback_and_keeps_its_password_off_the_command_line(tmp_path):
+    from labkit.services.flower import FlowerService
+
+    flower = FlowerService(name="flower", run_dir=tmp_path, cluster_id="lkt", redis_url="redis://x:1/0", port=5599)
+    cmd = " ".join(flower.command())
+    assert "--address=127.0.0.1" in cmd and "--port=5599" in cmd and "--enable_events=False" in cmd
+    assert flower.password not in cmd
+    assert flower.environment()["FLOWER_BASIC_AUTH"] == f"labkit:{flower.password}"
+    assert flower.auth == ("labkit", flower.password) and flower.url == "http://127.0.0.1:5599"

@@ -1,0 +1,150 @@
+"""Lesson 10's claims on real processes, with a negative control for each.
+
+Three clusters, each started once: the everyday one (standalone Redis without
+persistence, one ZooKeeper, a partitionable worker), a Redis with the
+append-only file, and the hardened one (Sentinel, a 3-node ensemble, a long
+visibility timeout). The negative controls reuse the "before" runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit import LocalCluster
+from labkit.lessons import failures
+from labkit.measure import Comparison
+
+pytestmark = pytest.mark.cluster
+
+VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S, FAILOVER_S = 2, 1.0, 100, 1.0, 2.0, 6.0
+
+
+@pytest.fixture(scope="module")
+def everyday():
+    with LocalCluster(**failures.cluster_config(victims=VICTIMS), reuse=False) as c:
+        out = {
+            "matrix": failures.kill_matrix(c, victims=VICTIMS, task_s=TASK_S),
+            "vt": failures.visibility(c),
+            "cut": failures.partition(c),
+            "mitigation": failures.compare_mitigation(c, n=6, outage_s=OUTAGE_S),
+            "outage": failures.broker_outage(c, backlog=BACKLOG, outage_s=OUTAGE_S),
+            "zk_alone": failures.lock_service(c, kill=1, window_s=WINDOW_S),
+            "redis_alone": failures.failover(c, window_s=WINDOW_S),
+        }
+    with LocalCluster(**failures.DURABLE, reuse=False) as d:
+        out["kept"] = failures.backlog_restart(d, backlog=BACKLOG)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hardened():
+    with LocalCluster(**failures.HA, reuse=False) as ha:
+        yield {
+            "vt": failures.visibility(ha),
+            "failover": failures.failover(ha, window_s=FAILOVER_S),
+            "one_down": failures.lock_service(ha, kill=1, window_s=WINDOW_S),
+            "two_down": failures.lock_service(ha, kill=1, window_s=WINDOW_S),
+        }
+
+
+# ----------------------------------------------------------------------------- killed mid-task
+def test_failures_kill_matrix(everyday):
+    m = everyday["matrix"]
+    failures.late_ack_survives_worker_kill(m["worker/late"])
+    failures.late_ack_survives_worker_kill(m["worker/reject"])
+    failures.reject_survives_child_kill(m["child/reject"])
+    assert m["worker/early"].value == 0 and set(m["worker/early"].meta["states"]) == {"STARTED"}
+    assert m["child/early"].value == 0 and set(m["child/early"].meta["states"]) == {"FAILURE"}
+    assert m["child/late"].value == 0 and set(m["child/late"].meta["states"]) == {"FAILURE"}
+    assert m["worker/late"].meta["ran_twice"] == VICTIMS  # redelivered: the killed run had started
+
+
+def test_failures_claim_fails_without_the_fix_early_ack(everyday):
+    with pytest.raises(AssertionError, match="every task completed"):
+        failures.late_ack_survives_worker_kill(everyday["matrix"]["worker/early"])
+
+
+def test_failures_claim_fails_without_the_fix_acks_late_alone(everyday):
+    with pytest.raises(AssertionError, match="every task completed"):
+        failures.reject_survives_child_kill(everyday["matrix"]["child/late"])
+
+
+# ----------------------------------------------------------------------------- visibility timeout, partition
+def test_failures_visibility_timeout(everyday, hardened):
+    for key in ("long", "countdown"):
+        failures.runs_once(Comparison(everyday["vt"][key], hardened["vt"][key]))
+    failures.effects_once(everyday["vt"]["idempotent"])
+    failures.effects_once(hardened["vt"]["long"])
+
+
+def test_failures_claim_fails_without_the_fix_short_visibility_timeout(everyday):
+    before = everyday["vt"]["long"]
+    with pytest.raises(AssertionError, match="one execution per task"):
+        failures.runs_once(Comparison(before, before))
+    with pytest.raises(AssertionError, match="one side effect per task"):
+        failures.effects_once(before)
+
+
+def test_failures_partition_runs_the_task_twice_after_healing(everyday):
+    plain, once = everyday["cut"]["plain"], everyday["cut"]["idempotent"]
+    assert plain.value >= 2 and plain.meta["effects"] >= 2, plain.meta
+    assert plain.meta["done_seen_while_cut"] == 0 and plain.meta["state"] == "SUCCESS"
+    failures.effects_once(once)
+
+
+def test_failures_claim_fails_without_the_fix_partition(everyday):
+    with pytest.raises(AssertionError, match="one side effect per task"):
+        failures.effects_once(everyday["cut"]["plain"])
+
+
+# ----------------------------------------------------------------------------- mitigation, outage, persistence
+def test_failures_mitigation(everyday):
+    failures.outage_becomes_delay(everyday["mitigation"])
+
+
+def test_failures_claim_fails_without_the_fix_mitigation(everyday):
+    before = everyday["mitigation"].before
+    with pytest.raises(AssertionError, match="with the mitigation every task wrote"):
+        failures.outage_becomes_delay(Comparison(before, before, better="higher"))
+
+
+def test_failures_publishing_during_an_outage(everyday):
+    failures.sized_policy_delivers(everyday["outage"]["sized"])
+    default = everyday["outage"]["default"]
+    assert default.meta["raised"] >= 1 and default.meta["silently_lost"] == 0, default.meta
+
+
+def test_failures_claim_fails_without_the_fix_default_policy(everyday):
+    with pytest.raises(AssertionError, match="every publish made during the outage"):
+        failures.sized_policy_delivers(everyday["outage"]["default"])
+
+
+def test_failures_backlog(everyday):
+    failures.backlog_survives(everyday["kept"])
+
+
+def test_failures_claim_fails_without_the_fix_no_persistence(everyday):
+    with pytest.raises(AssertionError, match="the backlog survived"):
+        failures.backlog_survives(everyday["outage"]["backlog"])
+
+
+# ----------------------------------------------------------------------------- eliminate
+def test_failures_sentinel_failover(everyday, hardened):
+    failures.publishing_resumes(Comparison(everyday["redis_alone"], hardened["failover"]))
+
+
+def test_failures_claim_fails_without_the_fix_standalone_redis(everyday):
+    alone = everyday["redis_alone"]
+    with pytest.raises(AssertionError, match="accepted publishes again"):
+        failures.publishing_resumes(Comparison(alone, alone))
+
+
+def test_failures_zookeeper_ensemble(everyday, hardened):
+    failures.ensemble_survives(Comparison(hardened["two_down"], hardened["one_down"]))
+    failures.ensemble_survives(Comparison(everyday["zk_alone"], hardened["one_down"]))
+
+
+def test_failures_claim_fails_without_the_fix_no_quorum(hardened):
+    two = hardened["two_down"]
+    with pytest.raises(AssertionError, match="locks are still served"):
+        failures.ensemble_survives(Comparison(two, two))
