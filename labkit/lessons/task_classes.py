@@ -266,7 +266,10 @@ def fate(self, *, run: str, case: str) -> str:
     if case == "failure":
         raise ValueError("the task failed")
     if case == "retry" and self.request.retries == 0:
-        raise self.retry(countdown=0)
+        # Not countdown=0: the retried attempt could then finish before this one records RETRY,
+        # and the backend's guard (read the state; skip if SUCCESS; else write) is a check-then-
+        # act race: RETRY overwrote SUCCESS for good in about one run in ten under load.
+        raise self.retry(countdown=1)
     if case in ("sigkill", "time_limit"):
         redis_client().set(f"{run}:pid", os.getpid())
         time.sleep(60)  # killed long before: by the notebook, or by the hard time limit
@@ -434,7 +437,10 @@ def handlers(cluster: LocalCluster, *, time_limit: float = 1.0, timeout: float =
                 r.delete(f"{run}:pid")
                 children = cluster.children(worker)
                 cluster.kill(worker, child=children.index(int(pid)))
-            poll_until(result.ready, timeout, 0.02, what=f"the {case} task to finish")
+            if not poll_until(result.ready, timeout, 0.02):
+                raise TimeoutError(f"the {case} task ({result.id}) did not finish within {timeout:g} s "
+                                   f"(state {result.state}); last lines of {worker}'s log:\n"
+                                   + cluster.logs(worker, 30))
             states[case] = result.state
             _wait_for_handlers(cluster, r, run, case, timeout)
             r.delete(f"{run}:pid")
