@@ -1,83 +1,80 @@
-"""Lesson 13's claims, asserted through the API on a real cluster.
+"""Lesson 13's claims, asserted through the API on a real cluster, with their negative controls.
 
-Retry arrivals are recorded by the flaky service itself; lock wake-ups are
-counted in Redis by each fired ZooKeeper watch.
+One run of each experiment per module (the ``runs`` fixture); every test
+reads it. Retry arrivals are recorded by the flaky service itself; lock
+wake-ups are counted in Redis by each fired ZooKeeper watch callback.
 """
 
 from __future__ import annotations
-
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
 from labkit import LocalCluster
 from labkit.lessons import herd
+from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster  # every test here starts real processes
 
 N = 60
+TICK = 0.06
 CONTENDERS = 15
-HOST = {"pool": "threads", "concurrency": 32, "prefetch_multiplier": 1}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(workers=[{"name": "h1", **HOST}, {"name": "h2", **HOST}], zookeeper=1,
-                      settings={"task_acks_late": True}, reuse=False) as c:
-        yield c
+def runs():
+    with LocalCluster(**herd.CLUSTER, reuse=False) as c:
+        yield {
+            "fixed": herd.before(c, n=N, tick=TICK),
+            "talk": herd.after(c, n=N, tick=TICK),
+            "celery": herd.celery_backoff(c, n=N, tick=TICK),
+            "locks": herd.compare_locks(c, n=CONTENDERS),
+        }
 
 
-def test_sliding_peak_is_not_tied_to_a_grid():
-    assert herd.sliding_peak([0.2, 0.3, 0.4, 1.0]) == 3  # 0.2..0.4 straddle the 0.25 grid line
-    assert herd.sliding_peak([0.0, 0.25, 0.5]) == 1
-    assert herd.sliding_peak([]) == 0
+def test_every_task_failed_together_and_every_retry_arrived(runs):
+    for key in ("fixed", "talk", "celery"):
+        m = runs[key]
+        assert m.meta["n"] == N and len(m.meta["arrivals"]) == N, (key, m.meta)
 
 
-def test_flaky_service_fails_everyone_at_once():
-    statuses = []
-
-    def call(i):
-        try:
-            urllib.request.urlopen(f"{url}/call?tag=t{i}&attempt=0", timeout=10)
-            statuses.append(200)
-        except urllib.error.HTTPError as exc:
-            statuses.append(exc.code)
-
-    with herd.FlakyService(expected=5) as service:
-        url = service.url
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        urllib.request.urlopen(f"{url}/call?tag=t0&attempt=1", timeout=10)
-        ends = [c.end for c in service.snapshot() if c.attempt == 0]
-        assert statuses == [503] * 5
-        assert max(ends) - min(ends) < 0.2  # answered together, not one by one
-        assert len(service.arrivals()) == 1
+def test_delays_are_scaled_alike_and_keep_their_shape(runs):
+    fixed, talk, celery = runs["fixed"].meta, runs["talk"].meta, runs["celery"].meta
+    assert fixed["arrivals"][0] >= fixed["countdown"], fixed["arrivals"]  # never before its countdown
+    assert talk["arrivals"][0] >= herd.FLOOR, talk["arrivals"]  # the talk's floor, scaled like the rest
+    assert fixed["spread"] < talk["spread"] / 2 < celery["spread"], (fixed["spread"], talk["spread"],
+                                                                     celery["spread"])
 
 
-def test_fixed_countdown_returns_together_jitter_spreads(cluster):
-    fixed = herd.retries(cluster, "fixed", n=N, countdown=2.0)
-    uniform = herd.retries(cluster, "randint", n=N, lo_ms=0, hi_ms=4000)
-    celery = herd.retries(cluster, "celery", n=N)
-    for m in (fixed, uniform, celery):
-        assert m.meta["failed_together"] == N
-        assert len(m.meta["arrivals"]) == N
-    assert fixed.value >= 2 * uniform.value, (fixed.value, uniform.value)
-    assert fixed.value >= 2 * celery.value, (fixed.value, celery.value)
-    # Celery's jitter is whole seconds: its retries bunch right after whole seconds
-    assert celery.meta["on_the_second"] >= uniform.meta["on_the_second"] + 0.25, (
-        celery.meta["on_the_second"], uniform.meta["on_the_second"])
+def test_herd_claims_hold(runs):
+    herd.jitter_spreads_the_herd(runs["fixed"], runs["talk"])
+    herd.jitter_spreads_the_herd(runs["fixed"], runs["celery"])
+    herd.only_the_talk_keeps_a_floor(runs["talk"], runs["celery"])
+    herd.recipe_wakes_one_waiter_per_release(runs["locks"])
 
 
-def test_naive_lock_wakes_every_waiter_kazoo_wakes_one(cluster):
-    locks = herd.compare_locks(cluster, n=CONTENDERS)
-    naive, recipe = locks.before, locks.after
-    assert naive.value >= 3 * recipe.value, (naive.values, recipe.values)
-    assert max(recipe.values) <= 1, recipe.values
-    assert recipe.value <= CONTENDERS - 1
+def test_herd_claim_fails_without_the_fix_jitter(runs):
+    """The fixed countdown in the jitter's place: the herd is in one window."""
+    with pytest.raises(AssertionError, match="no more than that"):
+        herd.jitter_spreads_the_herd(runs["fixed"], runs["fixed"])
+
+
+def test_herd_claim_fails_without_the_fix_floor(runs):
+    """The talk's retries in Celery's place: nothing comes back before the floor."""
+    with pytest.raises(AssertionError, match="claim does not hold"):
+        herd.only_the_talk_keeps_a_floor(runs["talk"], runs["talk"])
+
+
+def test_herd_claim_fails_without_the_fix_lock(runs):
+    """The naive lock in kazoo's place: a release wakes many."""
+    naive = runs["locks"].before
+    with pytest.raises(AssertionError, match="at most one waiter per release"):
+        herd.recipe_wakes_one_waiter_per_release(Comparison(naive, naive, better="lower"))
+
+
+def test_naive_lock_wakes_every_waiter_and_zookeeper_notifies_each_session_once(runs):
+    naive, recipe = runs["locks"].before, runs["locks"].after
+    n = CONTENDERS
+    assert naive.value >= n * (n - 1) // 4, naive.values  # at least half of n(n-1)/2
     assert naive.values[0] > naive.values[-2], naive.values  # wake-ups shrink with the crowd
-    locks.check(factor=3)
+    assert max(naive.meta["sessions_notified"]) <= 2, naive.meta  # two worker processes, two sessions
+    assert recipe.value == n - 1, recipe.values

@@ -1,7 +1,8 @@
-"""Lesson 14's claims, asserted on a real cluster (Redis, ZooKeeper, prefork workers).
+"""Lesson 14's claims, asserted on a real cluster (Redis, ZooKeeper, prefork workers), with negative controls.
 
-One cluster for the module: w1 and w2 contend for the lock, w3 (short
-ZooKeeper session) is the holder we SIGKILL and SIGSTOP.
+One cluster and one run of every experiment per module (the ``runs``
+fixture): w1 and w2 contend for the lock, w3 (short ZooKeeper session) is
+the holder we SIGKILL and SIGSTOP.
 """
 
 from __future__ import annotations
@@ -10,35 +11,120 @@ import pytest
 
 from labkit import LocalCluster
 from labkit.lessons import mutex
+from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster  # every test here starts real processes
 
 SESSION_TIMEOUT = 1.0
+TRIALS, CONTENDERS, WORK_S = 6, 12, 0.2
 
 
 @pytest.fixture(scope="module")
-def mcluster():
-    with LocalCluster(workers=mutex.workers(session_timeout=SESSION_TIMEOUT), reuse=False) as c:
+def runs():
+    with LocalCluster(**mutex.cluster_config(session_timeout=SESSION_TIMEOUT), reuse=False) as c:
         mutex.warm_up(c)
-        yield c
+        params = {"trials": TRIALS, "contenders": CONTENDERS, "seconds": WORK_S}
+        crash_fix = mutex.crash_fixed(c)
+        yield {
+            "cluster": c,
+            "slide": mutex.resubmit(c),
+            "slide_repaired": mutex.resubmit(c, repaired=True),
+            "placement": mutex.slide_placement(c, trials=3, contenders=CONTENDERS, seconds=WORK_S),
+            "lock": mutex.compare(c, **params),
+            "crash_fix": crash_fix,
+            "crash_slide": mutex.crash_talk(c, placement="submit", wait=crash_fix.value + 0.5),
+            "crash_run": mutex.crash_talk(c, placement="run"),
+            "fence": mutex.compare_fencing(c),
+            "keyed": mutex.keyed(c, keys=("a", "b"), per_key=3, seconds=WORK_S),
+            "unkeyed": mutex.keyed(c, keys=("a", "b"), per_key=3, seconds=WORK_S, keyed=False),
+        }
 
 
-# --------------------------------------------------------------------------- no cluster needed
-def test_fixed_lock_paths_are_keyed_escaped_and_never_collide():
-    path = mutex.fixed_export.lock_path(("r", "a/b", 0.1), {})
-    assert path == "/labkit/mutex/mutex.fixed_export/job=a%2Fb"
-    assert mutex.fixed_export.lock_path(("r", "12", 0.1), {}) != mutex.fixed_export.lock_path(("r", "1", 0.1), {})
-    assert mutex.fixed_export.lock_path(("r", 0, 0.1), {}).endswith("job=0")
+# --------------------------------------------------------------------------- the claims
+def test_mutex_claims_hold(runs):
+    mutex.slide_locks_itself_out(runs["slide"])
+    mutex.slide_placement_keeps_one_holder(runs["placement"])
+    mutex.fix_keeps_one_holder(runs["lock"])
+    mutex.ephemeral_lock_frees_itself(runs["crash_fix"], runs["crash_slide"])
+    mutex.fencing_rejects_the_stale_write(runs["fence"])
+    mutex.keyed_lock_serialises_each_key_only(runs["keyed"])
 
 
-def test_talk_paths_collide_and_drop_falsy_keys():
-    talk = mutex.talk_export
-    assert talk._get_node(("r", "", 0.1), {}) == f"{mutex.TALK_ROOT}/{talk.name}"
-    assert talk._get_node(("r", "12", 0.1), {}).endswith("12")
+def test_mutex_claim_fails_without_the_fix_after_return(runs):
+    """The slide's placement with after_return repaired runs every time: no lockout to find."""
+    assert [a["outcome"] for a in runs["slide_repaired"].meta["attempts"]] == ["ran"] * 3
+    with pytest.raises(AssertionError, match="every later submission is refused"):
+        mutex.slide_locks_itself_out(runs["slide_repaired"])
 
 
-def test_fencing_script_rejects_lower_tokens_only(mcluster):
-    r = mcluster.redis_client()
+def test_mutex_claim_fails_without_the_fix_placement(runs):
+    """The same mutex moved to run time: its peaks are not 1."""
+    with pytest.raises(AssertionError, match="keeps one holder"):
+        mutex.slide_placement_keeps_one_holder(runs["lock"].before)
+
+
+def test_mutex_claim_fails_without_the_fix_lock(runs):
+    """The talk's mutex at run time in the fix's place."""
+    before = runs["lock"].before
+    with pytest.raises(AssertionError, match="never has more than one holder"):
+        mutex.fix_keeps_one_holder(Comparison(before, before))
+
+
+def test_mutex_claim_fails_without_the_fix_ephemeral(runs):
+    """The talk's persistent node in the ephemeral lock's place: freed by hand, not by ZooKeeper."""
+    with pytest.raises(AssertionError, match="freed by ZooKeeper"):
+        mutex.ephemeral_lock_frees_itself(runs["crash_slide"], runs["crash_slide"])
+
+
+def test_mutex_claim_fails_without_the_fix_fencing(runs):
+    """Unfenced writes in the fenced run's place: the stale write wins."""
+    unfenced = runs["fence"].before
+    with pytest.raises(AssertionError, match="stale write is rejected"):
+        mutex.fencing_rejects_the_stale_write(Comparison(unfenced, unfenced))
+
+
+def test_mutex_claim_fails_without_the_fix_keys(runs):
+    """One lock for every key: keys no longer run side by side."""
+    with pytest.raises(AssertionError, match="different keys hold their locks at the same time"):
+        mutex.keyed_lock_serialises_each_key_only(runs["unkeyed"])
+
+
+# --------------------------------------------------------------------------- what the claims rest on
+def test_the_slides_after_return_raises_in_the_worker_and_the_worker_logs_it(runs):
+    first = runs["slide"].meta["attempts"][0]
+    assert "after_return handler raised: TypeError" in first["after_return"], first
+
+
+def test_the_slides_race_surfaces_in_the_producer(runs):
+    totals = runs["placement"].meta["totals"]
+    assert totals["loser_deletes"] == 0 and totals["ran"] == totals["sent"] >= 3, totals
+    assert totals["sent"] + totals["raised"] + totals["refused"] == 3 * CONTENDERS, totals
+    assert totals["raised"] >= 1, totals  # threads released together: most lose the race in create()
+
+
+def test_run_time_losers_delete_the_winners_node(runs):
+    assert runs["lock"].before.meta["totals"]["loser_deletes"] >= 1
+
+
+def test_run_time_crash_heals_only_through_the_losers_cleanup(runs):
+    attempts = runs["crash_run"].meta["attempts"]
+    assert [a["outcome"] for a in attempts] == [mutex.SKIPPED, "ran"], attempts
+    assert attempts[0]["node_persistent"], attempts
+
+
+def test_ephemeral_lock_hands_out_a_higher_token(runs):
+    meta = runs["crash_fix"].meta
+    assert meta["session_timeout_s"] == pytest.approx(SESSION_TIMEOUT)
+    assert meta["next_token"] > meta["victim_token"]
+
+
+def test_keyed_tokens_grow_with_every_holder(runs):
+    for info in runs["keyed"].meta["keys"].values():
+        assert info["tokens"] == sorted(info["tokens"]) and len(set(info["tokens"])) == len(info["tokens"])
+
+
+def test_fencing_script_rejects_lower_tokens_only(runs):
+    r = runs["cluster"].redis_client()
     keys = ("lk:test:res", "lk:test:res:token")
     write = lambda value, token: r.eval(mutex._WRITE, 2, *keys, value, "" if token is None else str(token))  # noqa: E731
     assert write("x", 5) == 1
@@ -49,61 +135,8 @@ def test_fencing_script_rejects_lower_tokens_only(mcluster):
     assert write("unfenced", None) == 1  # without a token nothing is checked
 
 
-# --------------------------------------------------------------------------- the claims
-def test_talk_recipe_overlaps_and_fixed_lock_never_does(mcluster):
-    before = mutex.before(mcluster)
-    after = mutex.after(mcluster)
-    assert before.value >= 2, before.meta["trials"]
-    assert sum(p >= 2 for p in before.values) >= len(before.values) // 2, before.values
-    assert before.meta["totals"]["loser_deletes"] >= 1  # losers deleted the winner's node
-    assert all(p == 1 for p in after.values), after.meta["trials"]
-    totals = after.meta["totals"]
-    assert totals["failed"] == 0
-    assert totals["ran"] + totals["skipped"] == totals["submitted"]
-    assert mutex.compare(before, after).factor >= 2
-
-
-def test_crash_talk_recipe_blocks_until_the_node_is_deleted_by_hand(mcluster):
-    crash = mutex.crash_talk(mcluster, wait=3 * SESSION_TIMEOUT)
-    slide = crash["submit"]["attempts"]
-    assert [a["outcome"] for a in slide] == ["refused", "refused", "ran"], slide
-    assert slide[0]["node_persistent"] and slide[1]["node_persistent"]
-    run = crash["run"]["attempts"]
-    assert run[0]["outcome"] == mutex.SKIPPED and run[0]["node_persistent"], run
-
-
-def test_crash_ephemeral_lock_is_free_again_after_the_session_timeout(mcluster):
-    res = mutex.crash_fixed(mcluster)
-    assert res["session_timeout_s"] == pytest.approx(SESSION_TIMEOUT)
-    ratio = res["reacquired_after_s"] / res["session_timeout_s"]
-    assert 0.3 < ratio <= 4, res  # ZooKeeper expired the session; not before, not much after
-    assert res["next_token"] > res["victim_token"]
-
-
-@pytest.mark.parametrize("fenced", [False, True], ids=["unfenced", "fenced"])
-def test_fencing_rejects_the_stale_write_only_with_tokens(mcluster, fenced):
-    res = mutex.fencing(mcluster, fenced=fenced)
-    t = {(e["who"], e["what"]): e["t"] for e in res["events"]}
-    assert t[("A", "paused")] < t[("B", "acquired")] < t[("B", "write")] < t[("A", "resumed")] < t[("A", "write")]
-    assert res["tokens"]["B"] > res["tokens"]["A"]
-    assert res["b_write_accepted"]
-    if fenced:
-        assert not res["stale_write_accepted"] and res["final_value"] == "B"
-    else:
-        assert res["stale_write_accepted"] and res["final_value"] == "A"
-
-
-def test_keyed_locks_serialise_one_key_and_overlap_two(mcluster):
-    res = mutex.keyed(mcluster, keys=("a", "b"), per_key=3, seconds=0.2)
-    assert all(v["peak"] == 1 for v in res["keys"].values()), res["keys"]
-    assert res["peak_all_keys"] >= 2
-    for info in res["keys"].values():  # tokens grow with every new holder of a key
-        assert info["tokens"] == sorted(info["tokens"]) and len(set(info["tokens"])) == len(info["tokens"])
-    assert sum(v["span_s"] for v in res["keys"].values()) / res["span_all_s"] >= 1.3
-
-
-def test_redis_py_lock_is_owner_released_but_has_no_fencing_token(mcluster):
-    note = mutex.redis_lock_note(mcluster, ttl=0.3)
+def test_redis_py_lock_is_owner_released_but_has_no_fencing_token(runs):
+    note = mutex.redis_lock_note(runs["cluster"].redis_client(), ttl=0.3)
     assert note["a_acquired"] and not note["b_while_a_holds"]
     assert note["b_after_expiry"] and not note["a_still_owns"]
     assert note["a_release"].startswith("LockNotOwnedError")
