@@ -13,23 +13,32 @@ from labkit.measure import Comparison
 
 pytestmark = [pytest.mark.cluster, pytest.mark.labkit(**task_classes.CLUSTER)]
 
-N = 200
+N = 50  # tasks per measurement: per call opens N, the lazy db at most 2 — the notebook's 200 add nothing
+FORK_N, ROUNDS = 50, 10  # 500 ECHOs on one shared socket: dozens to hundreds go to the wrong child
 
 
 @pytest.fixture(scope="module")
-def connections(labkit_cluster) -> Comparison:
-    return task_classes.compare(labkit_cluster, n=N)
-
-
-@pytest.fixture(scope="module")
-def per_type(labkit_cluster) -> Comparison:
+def runs(labkit_cluster) -> dict:
+    """The notebook's order: per call; then the slide's property on fresh children; then DBTask on the same."""
+    per_call = task_classes.connections(labkit_cluster, "per_call", n=N, fresh=False)
     slide = task_classes.connections(labkit_cluster, "slide", n=N)
-    return Comparison(slide, task_classes.connections(labkit_cluster, "lazy", n=N, fresh=False))
+    return {"per_call": per_call, "slide": slide,
+            "lazy": task_classes.connections(labkit_cluster, "lazy", n=N, fresh=False)}
+
+
+@pytest.fixture(scope="module")
+def connections(runs) -> Comparison:
+    return Comparison(runs["per_call"], runs["lazy"], better="lower")
+
+
+@pytest.fixture(scope="module")
+def per_type(runs) -> Comparison:
+    return Comparison(runs["slide"], runs["lazy"], better="lower")
 
 
 @pytest.fixture(scope="module")
 def fork(labkit_cluster) -> Comparison:
-    return task_classes.compare_fork(labkit_cluster, n=N, rounds=20)
+    return task_classes.compare_fork(labkit_cluster, n=FORK_N, rounds=ROUNDS)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +68,12 @@ def test_task_classes_claim_fails_without_the_fix_per_type(per_type):
 
 def test_task_classes_connection_made_before_the_fork_is_shared(fork):
     task_classes.connect_after_the_fork(fork)
-    assert fork.before.meta["db_connections_of_worker"] == 1 < fork.before.meta["children_used"]
-    assert fork.before.meta["opened_by_main_process"] == 1  # made in the main process, used by every child
-    assert fork.after.meta["db_connections_of_worker"] == fork.after.meta["children_used"]
+    before = fork.before.meta
+    assert before["opened_by_main_process"] == 1 < before["children_used"]  # made in the main process, used by all
+    # a child whose read failed on the garbled stream drops its copy and reconnects on its own: one per error at most
+    assert before["db_connections_of_worker"] - 1 <= before["errors"], before
+    after = fork.after.meta  # one connection per child that ever ran a DBTask (some may not have run one here)
+    assert after["children_used"] <= after["db_connections_of_worker"] <= after["concurrency"], after
     assert fork.after.meta["opened_by_main_process"] == 0
 
 
