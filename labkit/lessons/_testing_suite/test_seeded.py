@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from labkit.lessons.testing import EXPORT_ROWS
+
 
 def test_non_json_argument(run, code):
     assert code.count_tags(run, ["red", "blue", "red"]) == 2
@@ -42,7 +44,7 @@ def test_shared_temp_file(run, code, request, tmp_path: Path):
 
 
 def test_soft_time_limit(run, code):
-    assert code.export(run, 12) == 12
+    assert code.export(run, EXPORT_ROWS) == EXPORT_ROWS
 
 
 def test_clock(run, code, request):
