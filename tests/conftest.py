@@ -1,7 +1,9 @@
 """Shared fixtures and the suite's two guarantees.
 
 * **No leaks.** After every test module, no process this session started is
-  still running (:func:`labkit.testing.assert_no_leftovers`).
+  still running (:func:`labkit.testing.assert_no_leftovers`), except the
+  clusters labkit's pytest plugin keeps for the session (``labkit_cluster``;
+  the kit sets ``labkit_max_idle = 0``, so it keeps none between modules).
 * **The fast tier starts nothing.** Tests are marked ``cluster`` (real
   processes) or ``notebook`` (runs a notebook); the rest are unit tests, and
   ``make quick`` runs just those. A unmarked test that tries to start a
@@ -50,16 +52,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two prefork workers and a standalone ZooKeeper, shared by one test module."""
-    with testing.cluster(workers=2) as c:
+def cluster(labkit_clusters: testing.ClusterPool):
+    """Two prefork workers and a standalone ZooKeeper, for one test module (closed when it ends)."""
+    with labkit_clusters.use(workers=2, zookeeper=1) as c:
         yield c
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _no_leaked_processes(request: pytest.FixtureRequest):
+def _no_leaked_processes(request: pytest.FixtureRequest, labkit_clusters: testing.ClusterPool):
     yield
-    testing.assert_no_leftovers(what=request.module.__name__)
+    testing.assert_no_leftovers(what=request.module.__name__, ignore=labkit_clusters.ids())
 
 
 @pytest.fixture(autouse=True)
