@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-CHECKS = ("python", "redis-server", "java", "zookeeper", "libfaketime", "packages")
+CHECKS = ("python", "redis-server", "java", "zookeeper", "libfaketime", "rabbitmq", "packages")
 
 
 def _doctor_rows() -> list[tuple[str, bool, str, str]]:
@@ -55,6 +55,15 @@ def _doctor_rows() -> list[tuple[str, bool, str, str]]:
     lib = find_libfaketime()
     rows.append(("libfaketime", bool(lib), lib or "not found",
                  "sudo apt-get install libfaketime (needed by the clock-skew lesson)"))
+    from .services import rabbitmq as q  # noqa: PLC0415
+
+    install = q.find_rabbitmq()
+    if install is None:
+        rows.append(("rabbitmq", False, "not found (rabbitmq-server, with Erlang's erl and epmd)", q.REMEDY))
+    elif not install.erl_call:
+        rows.append(("rabbitmq", False, f"{install.version}, but no erl_call", q.REMEDY))
+    else:
+        rows.append(("rabbitmq", True, f"{install.version} at {install.home} (erl {install.erl})", ""))
     versions = []
     missing = []
     for pkg in ("celery", "kombu", "redis", "kazoo", "jupyterlab", "nbval"):

@@ -60,6 +60,7 @@ from .services.base import Service, ServiceError, free_port, labkit_processes, l
 from .services.beat import BeatService
 from .services.flower import FlowerService
 from .services.rabbitmq import (
+    QueueDepths,
     RabbitMQGroup,
     RabbitMQService,
     amqp_url,
@@ -725,7 +726,10 @@ class LocalCluster(ClusterClient):
         def pools() -> dict[str, int]:
             return {w.hostname: 1 if w.spec.pool == "solo" else w.spec.concurrency for w in self.workers.values()}
 
-        return {"queues": queues, "pools": pools}
+        options: dict[str, Any] = {"queues": queues, "pools": pools}
+        if self.rabbitmq is not None:
+            options["depths"] = QueueDepths(self.broker_url)
+        return options
 
     def logs(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a service's log."""

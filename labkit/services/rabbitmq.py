@@ -557,6 +557,47 @@ def broker_settings(nodes: int) -> dict:
     }
 
 
+class QueueDepths:
+    """Messages ready in RabbitMQ queues (a passive ``queue.declare`` each), over one kept connection.
+
+    Like Redis's ``LLEN`` of a Celery queue, it counts messages no consumer
+    holds: delivered but unacknowledged ones (prefetched, running under
+    ``acks_late``) are not "ready". A queue that does not exist yet is 0.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn = None
+
+    def __call__(self, names: list[str]) -> dict[str, int]:
+        from kombu import Connection  # noqa: PLC0415
+
+        out: dict[str, int] = {}
+        try:
+            if self._conn is None:
+                self._conn = Connection(self.url, connect_timeout=2)
+                self._conn.ensure_connection(max_retries=1)
+            for name in names:
+                channel = self._conn.channel()  # a passive declare of a missing queue closes its channel
+                try:
+                    out[name] = int(channel.queue_declare(name, passive=True).message_count)
+                except self._conn.channel_errors:
+                    out[name] = 0
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+        except Exception:
+            self.close()
+            return {name: out.get(name, -1) for name in names}
+        return out
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.release()
+            self._conn = None
+
+
 def stray_erlang(cluster_id: str) -> list[int]:
     """PIDs of ``beam.smp``/``epmd`` processes carrying this cluster's mark (a leak check)."""
     from .base import labkit_processes  # noqa: PLC0415
