@@ -35,7 +35,6 @@ Command line: ``labkit data vehicle-sales --size 200MB --out sales.xml``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import re
@@ -142,39 +141,6 @@ def _records(rng: random.Random, dealer_every: int) -> Iterator[str]:
             yield _DEALER.format(100 + int(rng.random() * 900), REGIONS[int(rng.random() * len(REGIONS))])
 
 
-class _Progress:
-    """A progress line: tqdm when it is installed, plain text on stderr otherwise."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done, self._shown, self._t0, self._bar = 0, -1, time.monotonic(), None
-        if enabled:
-            with contextlib.suppress(ImportError):
-                from tqdm.auto import tqdm  # noqa: PLC0415 - optional
-
-                self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=label)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        pct = int(100 * self.done / self.total) if self.total else 100
-        if pct // 5 != self._shown // 5 or pct == 100:
-            self._shown = pct
-            rate = self.done / max(time.monotonic() - self._t0, 1e-9) / 1e6
-            print(f"\r{self.label}: {pct:3d}% ({self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB, {rate:.0f} MB/s)",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled:
-            print(file=sys.stderr, flush=True)
-
-
 def write_vehicle_sales(fh: IO[bytes], size: int, seed: int = 0, *, dealer_every: int = 0,
                         progress: bool = False) -> int:
     """Write a VehicleSales document of exactly ``size`` bytes to ``fh``; return the number of sales.
@@ -185,9 +151,11 @@ def write_vehicle_sales(fh: IO[bytes], size: int, seed: int = 0, *, dealer_every
     head, foot = HEADER.encode(), FOOTER.encode()
     if size < len(head) + len(foot):
         raise ValueError(f"size {size} B is too small for even an empty document ({len(head) + len(foot)} B)")
+    from tqdm.auto import tqdm  # noqa: PLC0415 - a notebook gets a widget bar, a terminal a text bar
+
     rng = random.Random(seed)
     records = _records(rng, dealer_every)
-    bar = _Progress(size, f"VehicleSales {size / 1e6:.0f} MB", progress)
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"VehicleSales {size / 1e6:.0f} MB", disable=not progress)
     fh.write(head)
     written, room, sales = len(head), size - len(foot), 0
     pending: str | None = None

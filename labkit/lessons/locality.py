@@ -4,19 +4,23 @@ Each worker of a :class:`~labkit.LocalCluster` has a private directory,
 ``cluster.workers[name].local_dir`` (``$LABKIT_LOCAL_DIR`` inside the worker),
 standing in for the local disk of a separate host. The experiments:
 
-* **1 file, 2 tasks.** Task A writes an intermediate file to its local disk and
-  returns the path; task B, picked up by whichever worker is free, opens it.
-  Whenever B lands on the other "host", the file is not there. Fixes, measured
-  on the same pairs: route B to A's own node (Celery's ``worker_direct`` queue,
-  chosen at run time from the hostname A reports), write to shared storage and
-  pass the path, or pass small data by value.
-* **By value vs by reference.** A multi-MB payload sent through Redis sits in
-  the broker's memory until a worker takes it (``INFO memory``), and costs
-  latency on the way; a path to shared storage costs a few hundred bytes.
-* **The ladder** "memory > file system > NAS > carrier pigeon": the same bytes
-  read from process memory, a local file, Redis over loopback, and an
-  *emulated* NAS (:class:`EmulatedNAS`: an HTTP server in the notebook process
-  that charges a fixed latency per request and sends at a fixed bandwidth).
+* **1 file, 2 tasks** (:func:`pairs`). Task A writes an intermediate file to
+  its local disk and returns the path; task B, picked up by whichever worker
+  is free, opens it. Whenever B lands on the other "host", the file is not
+  there. Fixes, measured on the same pairs: keep both steps on one node — A
+  sends B to its own worker's ``worker_direct`` queue, A and B become one
+  task, or the whole chain is routed to one worker's queue — or write to
+  shared storage and pass the path, or pass small data by value.
+* **By value vs by reference** (:func:`compare_broker_memory`,
+  :func:`compare_latency`). A multi-MB payload sent through Redis sits in the
+  broker's memory until a worker takes it (``MEMORY USAGE`` of the waiting
+  queue), and costs latency on the way; a path costs about a kilobyte.
+* **The ladder** "memory > file system > NAS > carrier pigeon"
+  (:func:`ladder`): the same bytes read from process memory, a local file,
+  Redis over loopback, and an *emulated* NAS (:class:`EmulatedNAS`: an HTTP
+  server in the notebook process that charges a fixed latency per request and
+  sends at a fixed bandwidth). The NAS rung is slower than Redis by
+  construction: an illustration, which no claim checks.
 
 Every count comes from the run: a pair failed if task B raised, and the
 worker that ran each task is read from its result.
@@ -31,13 +35,24 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import chain, shared_task
+from celery.utils.nodenames import worker_direct
 
 from labkit.app import local_dir, redis_client, worker_name
+from labkit.client import short_name
 from labkit.loopback import LoopbackServer, QuietHandler
-from labkit.measure import Measurement
+from labkit.measure import Comparison, Measurement, claim, verify
+
+if TYPE_CHECKING:  # workers import this module: keep them from loading the cluster machinery
+    from labkit.cluster import LocalCluster
+
+NOTEBOOK = "02_data_locality.ipynb"
+# worker_direct: every worker also consumes a queue named after its hostname.
+# prefetch 1: a worker holds one waiting message per child, so B goes to whichever worker is free.
+CLUSTER = {"workers": 2, "zookeeper": 0, "settings": {"worker_direct": True, "worker_prefetch_multiplier": 1}}
+WORKSHOP = {"N_PAIRS": 300, "PAYLOAD_MB": 20, "LADDER_BYTES": 1024 * 1024, "LADDER_REPEATS": 60}
 
 MODES = ("local", "shared", "value")
 LOCAL = "$LABKIT_LOCAL_DIR"  # each worker's own "local disk"; B expands it in its own environment
@@ -88,87 +103,142 @@ def transform(ref: dict[str, Any]) -> dict[str, Any]:
             "ok": hashlib.sha256(data).hexdigest() == hashlib.sha256(payload(ref["pair"], len(data))).hexdigest()}
 
 
-def on_same_node(b_task, ref: dict[str, Any]):
-    """Send step B to the worker that ran step A: its ``worker_direct`` queue, chosen at run time.
+@shared_task(name="locality.extract_then_forward", bind=True)
+def extract_then_forward(self, pair_id: int, size: int, b_id: str) -> dict[str, Any]:
+    """Step A, which sends step B itself, to the queue that only A's own worker consumes.
 
     With ``worker_direct = True`` every worker also consumes a queue named
-    after its hostname (``w1@<cluster id>.dq2``); A reports its hostname.
+    after its hostname (``w1@<cluster id>.dq2``); ``self.request.hostname`` is
+    the worker running this task. ``b_id`` lets the caller wait for B.
     """
-    from celery.utils.nodenames import worker_direct  # noqa: PLC0415
+    ref = extract.run(pair_id, size, "local")
+    transform.apply_async((ref,), queue=worker_direct(self.request.hostname), task_id=b_id)
+    return ref
 
-    return b_task.apply_async((ref,), queue=worker_direct(ref["hostname"]))
+
+@shared_task(name="locality.extract_and_transform")
+def extract_and_transform(pair_id: int, size: int) -> dict[str, Any]:
+    """Steps A and B as one task: the file never leaves the process that wrote it."""
+    return transform.run(extract.run(pair_id, size, "local"))
 
 
-def pairs(cluster, n: int = 120, *, mode: str = "local", same_node: bool = False, size: int = 16_384,
-          shared_dir: str | Path | None = None, queue: str | None = None, timeout: float = 60) -> Measurement:
+PLACEMENTS = {  # (mode, placement) -> label
+    ("local", "anywhere"): "naive: local file, B anywhere",
+    ("local", "forward"): "fix: A sends B to its own worker",
+    ("local", "one task"): "fix: A and B as one task",
+    ("local", "routed chain"): "fix: chain routed to one worker",
+    ("shared", "anywhere"): "fix: shared storage + path",
+    ("value", "anywhere"): "fix: small data by value",
+}
+
+
+def _hostnames(cluster: LocalCluster, queue: str) -> list[str]:
+    """Full hostnames (``w1@<id>``) of the workers consuming ``queue``."""
+    return [w.hostname for w in cluster.workers.values() if queue in w.spec.queues]
+
+
+def _send(cluster: LocalCluster, n: int, mode: str, placement: str, size: int, shared_dir: str,
+          queue: str) -> tuple[list[Any], list[Any]]:
+    """Send ``n`` pairs the way ``placement`` says; ``(A results or None, B results)``."""
+    a_task, b_task = cluster.task(extract), cluster.task(transform)
+    if placement == "anywhere":  # a chain on the shared queue: B goes to whoever asks first
+        bs = [chain(a_task.s(i, size, mode, shared_dir).set(queue=queue), b_task.s().set(queue=queue)).apply_async()
+              for i in range(n)]
+        return [b.parent for b in bs], bs
+    if placement == "forward":  # A routes B itself (extract_then_forward)
+        ids = [str(uuid.uuid4()) for _ in range(n)]
+        first = cluster.task(extract_then_forward)
+        return ([first.apply_async((i, size, ids[i]), queue=queue) for i in range(n)],
+                [b_task.AsyncResult(b) for b in ids])
+    if placement == "one task":
+        one = cluster.task(extract_and_transform)
+        return [None] * n, [one.apply_async((i, size), queue=queue) for i in range(n)]
+    # "routed chain": the caller picks a worker per pair and routes both steps to its direct queue.
+    # A chain's options travel inside the message as JSON: route by the queue's name, not a Queue object.
+    hosts = _hostnames(cluster, queue)
+    bs = []
+    for i in range(n):
+        q = worker_direct(hosts[i % len(hosts)]).name
+        bs.append(chain(a_task.s(i, size, mode, shared_dir).set(queue=q), b_task.s().set(queue=q)).apply_async())
+    return [b.parent for b in bs], bs
+
+
+def pairs(cluster: LocalCluster, *, n: int = 100, mode: str = "local", placement: str = "anywhere",
+          size: int = 16_384, shared_dir: str | Path | None = None, queue: str = "celery",
+          timeout: float = 60) -> Measurement:
     """Run ``n`` A -> B pairs; values are 1 per failed pair (B could not read A's result).
 
-    ``same_node=False``: A and B form a chain on one queue, so B runs on
-    whichever worker takes it. ``same_node=True``: B goes to the worker that
-    ran A (:func:`on_same_node`; the cluster needs ``worker_direct``).
+    ``mode`` is where A puts its result (``local`` disk, ``shared`` storage,
+    or the ``value`` itself); ``placement`` is where B runs: ``anywhere`` (a
+    chain on ``queue``: whichever worker takes it), ``forward`` (A sends B to
+    its own worker), ``one task`` (A and B in one task), ``routed chain``
+    (both steps routed to one worker's direct queue). The cluster needs
+    ``worker_direct`` for ``forward`` and ``routed chain``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
+    label = PLACEMENTS.get((mode, placement))
+    if label is None:
+        raise ValueError(f"(mode, placement) must be one of {sorted(PLACEMENTS)}, not {(mode, placement)!r}")
     if mode == "shared" and shared_dir is None:
         shared_dir = Path(cluster.run_dir) / "shared" / "locality"
     if shared_dir is not None:
         Path(shared_dir).mkdir(parents=True, exist_ok=True)
-    a_task, b_task = cluster.task(extract), cluster.task(transform)
-    opts = {"queue": queue} if queue else {}
-    a_sigs = [a_task.s(i, size, mode, str(shared_dir or "")).set(**opts) for i in range(n)]
-    if same_node:
-        firsts = [sig.apply_async() for sig in a_sigs]
-        seconds = [on_same_node(b_task, a.get(timeout=timeout)) for a in firsts]
-    else:
-        seconds = [chain(sig, b_task.s().set(**opts)).apply_async() for sig in a_sigs]
+    firsts, seconds = _send(cluster, n, mode, placement, size, str(shared_dir or ""), queue)
     failed, crossed, errors = [], 0, {}
-    for i, b in enumerate(seconds):
+    for first, b in zip(firsts, seconds, strict=True):
         value = b.get(timeout=timeout, propagate=False)
         if b.failed():
             failed.append(1)
             errors[type(value).__name__] = errors.get(type(value).__name__, 0) + 1
-            made_on = (firsts[i] if same_node else b.parent).get(timeout=timeout)["made_on"]
-            read_on = (b.worker or "").split("@")[0]
+            read_on = short_name(b.worker or "")
+            made_on = first.get(timeout=timeout)["made_on"] if first is not None else read_on
         else:
             failed.append(0 if value["ok"] else 1)
             made_on, read_on = value["made_on"], value["read_on"]
         crossed += int(bool(made_on and read_on and made_on != read_on))
-    label = {
-        ("local", False): "naive: local file, B anywhere",
-        ("local", True): "fix: same node (worker_direct)",
-        ("shared", False): "fix: shared storage + path",
-        ("value", False): "fix: small data by value",
-    }.get((mode, same_node), f"{mode}, same_node={same_node}")
     return Measurement(label, "failed pairs", "pairs", failed, stat="sum",
-                       meta={"pairs": n, "b_on_other_worker": crossed, "errors": errors,
-                             "mode": mode, "same_node": same_node, "size": size})
+                       meta={"pairs": n, "b_on_other_worker": crossed, "errors": errors, "mode": mode,
+                             "placement": placement, "same_node": placement != "anywhere", "size": size,
+                             "workers": len(_hostnames(cluster, queue))})
 
 
-def pairs_on_workers(cluster, n: int = 120, workers: int = 3, *, mode: str = "local",
-                     same_node: bool = False) -> Measurement:
-    """:func:`pairs` on ``workers`` temporary workers (one child each) sharing a private queue."""
+def pairs_on_workers(cluster: LocalCluster, *, n: int = 100, workers: int = 3,
+                     placements: tuple[str, ...] = ("anywhere", "forward")) -> list[Measurement]:
+    """:func:`pairs` (local files) for each placement, on ``workers`` temporary one-child workers sharing a queue."""
     queue = f"locality-{uuid.uuid4().hex[:6]}"
     names = [f"{queue}-{k}" for k in range(workers)]
     try:
         for name in names:
             cluster.add_worker(name, queues=[queue], concurrency=1)
-        m = pairs(cluster, n, mode=mode, same_node=same_node, queue=queue)
+        return [pairs(cluster, n=n, placement=placement, queue=queue) for placement in placements]
     finally:
         for name in names:
             if name in cluster.workers:
                 cluster.remove_worker(name)
-    m.meta["workers"] = workers
-    return m
 
 
-def locality_fixes(cluster, n: int = 120, size: int = 16_384) -> list[Measurement]:
-    """The pitfall and the three fixes, each on the same ``n`` pairs."""
-    return [
-        pairs(cluster, n, mode="local", size=size),
-        pairs(cluster, n, mode="local", same_node=True, size=size),
-        pairs(cluster, n, mode="shared", size=size),
-        pairs(cluster, n, mode="value", size=size),
-    ]
+def locality_fixes(cluster: LocalCluster, *, n: int = 100, size: int = 16_384) -> list[Measurement]:
+    """Every fix in :data:`PLACEMENTS`, each on the same ``n`` pairs."""
+    return [pairs(cluster, n=n, mode=mode, placement=placement, size=size)
+            for mode, placement in PLACEMENTS if (mode, placement) != ("local", "anywhere")]
+
+
+@claim("with B anywhere, a large share of pairs fail, exactly those whose B ran on another worker")
+def a_local_path_breaks_on_other_hosts(m: Measurement) -> None:
+    """At least 0.6x the share (W-1)/W expected with W workers, and every failure a crossing."""
+    workers, n = m.meta["workers"], m.meta["pairs"]
+    expected = (workers - 1) / workers
+    verify(f"at least {0.6 * expected:.0%} of the pairs fail with {workers} workers",
+           m.value >= 0.6 * expected * n, failed=m.value, pairs=n)
+    verify("every failure is a pair whose B ran on the other worker", m.value == m.meta["b_on_other_worker"],
+           failed=m.value, b_on_other_worker=m.meta["b_on_other_worker"])
+
+
+@claim("a fix loses no pair (and a same-node fix never lets B cross)")
+def no_pair_fails(m: Measurement) -> None:
+    verify(f"{m.label}: no pair fails", m.value == 0, failed=m.value, pairs=m.meta["pairs"])
+    if m.meta["same_node"]:
+        verify(f"{m.label}: B always ran where A ran", m.meta["b_on_other_worker"] == 0,
+               b_on_other_worker=m.meta["b_on_other_worker"])
 
 
 # --------------------------------------------------------------------------- by value vs by reference
@@ -182,53 +252,76 @@ def digest(data: str = "", path: str = "") -> str:
 
 
 PARKED = "locality-parked"  # a queue no worker consumes: messages wait in Redis
+MIN_PAYLOAD_MB = 0.1  # below this a message's own headers (about 1 KB) are a fair share of it
 
 
-def _used_memory(r) -> int:
-    return int(r.info("memory")["used_memory"])
+def _shared_dir(cluster: LocalCluster) -> Path:
+    path = Path(cluster.run_dir) / "shared" / "locality"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-def broker_memory(cluster, size_mb: float = 5.0, messages: int = 5) -> tuple[Measurement, Measurement]:
-    """Broker memory per waiting message: the payload by value vs a path to it.
-
-    Publishes ``messages`` copies to a queue nobody consumes, reads Redis's
-    ``used_memory`` before and after, then drops the queue.
-    """
-    size = int(size_mb * 1_000_000)
-    data = payload(0, size)
-    shared = Path(cluster.run_dir) / "shared" / "locality"
-    shared.mkdir(parents=True, exist_ok=True)
-    path = shared / f"payload-{uuid.uuid4().hex[:6]}.dat"
-    path.write_bytes(data)
+def _parked(cluster: LocalCluster, label: str, kwargs: dict[str, str], messages: int,
+            payload_bytes: int) -> Measurement:
+    """Publish ``messages`` copies of one :func:`digest` call to :data:`PARKED`; ask Redis what they hold."""
     task = cluster.task(digest)
     r = cluster.redis_client()
-    out = []
     try:
-        for label, kwargs in (("naive: by value", {"data": data.decode()}),
-                              ("fix: by reference", {"path": str(path)})):
-            r.delete(PARKED)
-            before = _used_memory(r)
-            for _ in range(messages):
-                task.apply_async(kwargs=kwargs, queue=PARKED)
-            after = _used_memory(r)
-            r.delete(PARKED)
-            per_message = max(after - before, 1) / messages
-            out.append(Measurement(label, "broker memory per waiting message", "bytes", [per_message],
-                                   meta={"messages": messages, "payload_bytes": size,
-                                         "used_memory_before": before, "used_memory_after": after}))
+        r.delete(PARKED)
+        used_before = int(r.info("memory")["used_memory"])
+        for _ in range(messages):
+            task.apply_async(kwargs=kwargs, queue=PARKED)
+        held = r.memory_usage(PARKED, samples=0)  # every element of the list counted, overhead included
+        body = len(r.lindex(PARKED, 0))  # one message as published (all are the same)
+        used_after = int(r.info("memory")["used_memory"])
     finally:
         r.delete(PARKED)
         r.close()
-    return out[0], out[1]
+    return Measurement(label, "broker memory per waiting message", "bytes", [held / messages],
+                       meta={"messages": messages, "payload_bytes": payload_bytes, "message_bytes": body,
+                             "used_memory_delta": used_after - used_before})
 
 
-def latency(cluster, size_mb: float = 5.0, repeats: int = 5, timeout: float = 60) -> tuple[Measurement, Measurement]:
-    """End-to-end seconds from "I have the bytes" to "a worker has digested them"."""
+def compare_broker_memory(cluster: LocalCluster, *, size_mb: float = 5.0, messages: int = 5,
+                          by_reference: bool = True) -> Comparison:
+    """Broker memory per waiting message: the payload by value vs a path to it on shared storage.
+
+    Publishes ``messages`` copies to a queue nobody consumes and asks Redis how
+    much the queue's key holds (``MEMORY USAGE key SAMPLES 0``: exact, unlike
+    the difference of two ``used_memory`` readings, which other clients move).
+    ``by_reference=False`` sends the payload by value on both sides.
+    """
+    if size_mb < MIN_PAYLOAD_MB:
+        raise ValueError(f"PAYLOAD_MB = {size_mb}: use at least {MIN_PAYLOAD_MB} MB, or the payload is no "
+                         "bigger than the message's own headers and there is nothing to compare")
+    size = int(size_mb * 1_000_000)
+    data = payload(0, size)
+    path = _shared_dir(cluster) / f"payload-{uuid.uuid4().hex[:6]}.dat"
+    path.write_bytes(data)
+    try:
+        before = _parked(cluster, "naive: by value", {"data": data.decode()}, messages, size)
+        after = (_parked(cluster, "fix: by reference", {"path": str(path)}, messages, size) if by_reference
+                 else _parked(cluster, "naive: by value, again", {"data": data.decode()}, messages, size))
+    finally:
+        path.unlink(missing_ok=True)
+    return Comparison(before, after, better="lower", title=f"broker memory, {size_mb:g} MB payload")
+
+
+@claim("a waiting message holds its whole payload by value; a reference costs the broker at least 10x less")
+def a_reference_spares_the_broker(mem: Comparison) -> None:
+    mem.check(factor=10, before_at_least=mem.before.meta["payload_bytes"])
+
+
+def compare_latency(cluster: LocalCluster, *, size_mb: float = 5.0, repeats: int = 5,
+                    timeout: float = 60) -> Comparison:
+    """End-to-end seconds from "I have the bytes" to "a worker has digested them", by value vs by reference.
+
+    The reference side includes writing the file to shared storage.
+    """
     size = int(size_mb * 1_000_000)
     data = payload(1, size)
     text = data.decode()
-    shared = Path(cluster.run_dir) / "shared" / "locality"
-    shared.mkdir(parents=True, exist_ok=True)
+    shared = _shared_dir(cluster)
     task = cluster.task(digest)
     expected = hashlib.sha256(data).hexdigest()
     by_value, by_ref = [], []
@@ -243,8 +336,9 @@ def latency(cluster, size_mb: float = 5.0, repeats: int = 5, timeout: float = 60
         by_ref.append(time.perf_counter() - t0)
         path.unlink()
     meta = {"payload_bytes": size, "repeats": repeats}
-    return (Measurement("naive: by value", "end-to-end latency", "s", by_value, meta=meta),
-            Measurement("fix: by reference", "end-to-end latency", "s", by_ref, meta=meta))
+    return Comparison(Measurement("naive: by value", "end-to-end latency", "s", by_value, meta=meta),
+                      Measurement("fix: by reference", "end-to-end latency", "s", by_ref, meta=meta),
+                      better="lower", title=f"end-to-end latency, {size_mb:g} MB payload")
 
 
 # --------------------------------------------------------------------------- the ladder
@@ -338,7 +432,7 @@ def ladder_probe(key: str, nas_url: str, size: int, repeats: int) -> dict[str, l
     return out
 
 
-def ladder(cluster, size: int = 262_144, repeats: int = 30, *, latency: float = 0.002,
+def ladder(cluster: LocalCluster, *, size: int = 262_144, repeats: int = 30, latency: float = 0.002,
            bandwidth: float = 110e6, timeout: float = 120) -> list[Measurement]:
     """Read the same ``size`` bytes from memory, a local file, Redis and an emulated NAS, in a worker.
 
@@ -363,7 +457,28 @@ def ladder(cluster, size: int = 262_144, repeats: int = 30, *, latency: float = 
     return [Measurement(tier, "read time", "s", values, meta=dict(meta)) for tier, values in samples.items()]
 
 
+SMALL_READ = 256 * 1024  # up to this size a read from memory is clearly cheaper than one from the page cache
+
+
 def ordered(measurements: list[Measurement]) -> bool:
     """Are the medians strictly increasing in the given order?"""
     medians = [statistics.median(m.values) for m in measurements]
     return all(a < b for a, b in zip(medians, medians[1:], strict=False))
+
+
+@claim("closer is faster: memory and the local disk beat Redis over loopback (and memory beats the disk for small reads)")
+def closer_is_faster(tiers: list[Measurement]) -> None:
+    """Median read times of the measured rungs, in the order given; the emulated NAS is left out.
+
+    A local file read from the page cache is one more copy of bytes already
+    in memory, so for reads above :data:`SMALL_READ` memory and file may tie:
+    then only ``local file < Redis`` and ``memory < Redis`` are checked.
+    """
+    by_label = {t.label: t for t in tiers}
+    rungs = [label for label in by_label if label in ("memory", "local file", "Redis (loopback)")]
+    size = tiers[0].meta["bytes"]
+    pairs = [(a, b) for i, a in enumerate(rungs) for b in rungs[i + 1:]
+             if size <= SMALL_READ or {a, b} != {"memory", "local file"}]
+    slower = [f"{a} !< {b}" for a, b in pairs if not by_label[a].median < by_label[b].median]
+    verify(f"{' < '.join(rungs)} (median read time, {size:,} bytes)", len(rungs) == 3 and not slower,
+           **{label: by_label[label].median for label in rungs}, out_of_order=", ".join(slower) or "none")

@@ -5,24 +5,28 @@ file: fine at 1 MB, fatal at 2 GB on a worker with eight pool children. The
 fix is to stream — handle one record at a time and drop it — and this module
 measures both on the same synthetic VehicleSales export (:mod:`labkit.data`).
 
-Loaders (each counts the ``<VehicleSale>`` records and sums ``CashPrice``, so
-all do the same work):
+Loaders (in :mod:`labkit.lessons._streaming`, re-exported here; each counts
+the ``<VehicleSale>`` records and sums ``CashPrice``, so all do the same work):
 
 * :func:`load_parse` — ``ElementTree.parse``: the whole tree in memory.
 * :func:`load_iterparse_no_clear` — ``iterparse`` alone saves nothing: the
   parser still builds the whole tree behind the events it hands you.
-* :func:`load_talk` — the 2014 talk's loop: ``elem.clear()`` on every element.
-  Most memory goes, but each emptied ``<VehicleSale>`` stays attached to the
-  root, so the peak still grows with the file (slowly).
+* :func:`load_talk` — the 2014 slide's loop, run as written (its docstring
+  lists the three places Python 3 made us change): ``elem.clear()`` on every
+  element. Most memory goes, but each emptied ``<VehicleSale>`` stays attached
+  to the root, so the peak still grows with the file.
 * :func:`load_iterparse_clear` — ``iterparse`` + ``root.clear()`` after each
   record: flat.
 * :func:`load_lxml` — lxml's ``iterparse(tag=...)`` + ``elem.clear()`` + deleting
   the already-handled previous siblings: flat, and the fastest.
 
-Every loader runs in a fresh interpreter (:func:`labkit.fresh.peak_rss`), so
-the figure is the loader's and not the notebook's. Downloads get the same
+Three ways to measure a call's memory, side by side: a fresh interpreter
+(:func:`measure_loader`, via :mod:`labkit.fresh`: exact peak above a clean
+baseline), and memory-profiler in this process (``%memit`` and
+:func:`in_kernel`'s ``memory_usage`` timeline). Downloads get the same
 treatment with a local HTTP server (:class:`ByteServer`), and the Celery task
-:func:`import_file` shows the same effect inside a worker's pool child.
+:func:`import_file` shows the effect inside a worker's pool child, where
+``worker_max_memory_per_child`` (:func:`runaway`) does not stop it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import os
 import random
 import re
 import time
-import xml.etree.ElementTree as ET
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,100 +43,38 @@ from celery import shared_task
 
 from labkit import data
 from labkit.app import worker_name
-from labkit.fresh import memory_now, peak_rss
+from labkit.client import ClusterLike
+from labkit.fresh import MIB, memory_now, peak_rss, run_fresh
+from labkit.lessons._streaming import (  # noqa: F401 - re-exported: the notebook shows memory.load_*
+    FIELD,
+    LOADERS,
+    RECORD,
+    download_content,
+    download_stream,
+    load_iterparse_clear,
+    load_iterparse_no_clear,
+    load_lxml,
+    load_parse,
+    load_talk,
+)
 from labkit.loopback import LoopbackServer, QuietHandler
-from labkit.measure import Comparison, Measurement
+from labkit.measure import Comparison, Measurement, claim, verify
+from labkit.table import Table
 
-RECORD = data.RECORD_TAG  # "VehicleSale"
-FIELD = "CashPrice"
+NOTEBOOK = "01_memory.ipynb"
 DEFAULT_MB = 20
 SIZES_MB = (5, 10, 20)
+MIN_SIZE_MB, MIN_SIZE_RATIO = 5, 2  # below these a size sweep cannot tell growth from allocator noise
 XML_IMPORTS = ("xml.etree.ElementTree", "lxml.etree")  # loaded before the baseline in the fresh process
 
-
-# ----------------------------------------------------------------------------- loaders
-
-
-def load_parse(path: str | Path) -> dict[str, float]:
-    """Before: build the whole tree, then walk it."""
-    root = ET.parse(path).getroot()
-    records, total = 0, 0.0
-    for sale in root.iter(RECORD):
-        records += 1
-        total += float(sale.findtext(FIELD))
-    return {"records": records, "total": round(total, 2)}
-
-
-def load_iterparse_no_clear(path: str | Path) -> dict[str, float]:
-    """Before, in disguise: ``iterparse`` without clearing still keeps every element."""
-    records, total = 0, 0.0
-    for _event, elem in ET.iterparse(path):  # "end" events
-        if elem.tag == RECORD:
-            records += 1
-            total += float(elem.findtext(FIELD))
-    return {"records": records, "total": round(total, 2)}
-
-
-def load_talk(path: str | Path) -> dict[str, float]:
-    """The talk's loop (``cElementTree`` is gone since Python 3.9; ``ElementTree`` is the C version now).
-
-    Each field's text is kept when the field ends, then every element is
-    cleared. The cleared ``<VehicleSale>`` shells stay children of the root.
-    """
-    records, total, item = 0, 0.0, {}
-    for _event, elem in ET.iterparse(path):
-        if elem.tag == RECORD:
-            records += 1
-            total += float(item[FIELD])  # the talk wrote ``item`` to a database here
-            item = {}
-        elif elem.text:
-            item[elem.tag] = elem.text
-        elem.clear()
-    return {"records": records, "total": round(total, 2)}
-
-
-def load_iterparse_clear(path: str | Path) -> dict[str, float]:
-    """After (stdlib): take the root from the first "start" event; empty it after each record."""
-    records, total = 0, 0.0
-    events = ET.iterparse(path, events=("start", "end"))
-    _event, root = next(events)
-    for event, elem in events:
-        if event == "end" and elem.tag == RECORD:
-            records += 1
-            total += float(elem.findtext(FIELD))
-            root.clear()  # drops this record (and any earlier one) from the tree
-    return {"records": records, "total": round(total, 2)}
-
-
-def load_lxml(path: str | Path) -> dict[str, float]:
-    """After (lxml): events for ``<VehicleSale>`` only; clear it and delete the handled siblings."""
-    from lxml import etree  # noqa: PLC0415 - workers need not import lxml unless they use it
-
-    records, total = 0, 0.0
-    for _event, elem in etree.iterparse(str(path), tag=RECORD):
-        records += 1
-        total += float(elem.findtext(FIELD))
-        elem.clear(keep_tail=True)
-        while elem.getprevious() is not None:
-            del elem.getparent()[0]
-    return {"records": records, "total": round(total, 2)}
-
-
-LOADERS = {
-    "parse": load_parse,
-    "iterparse": load_iterparse_no_clear,
-    "talk": load_talk,
-    "clear": load_iterparse_clear,
-    "lxml": load_lxml,
-}
 LABELS = {  # "before…"/"talk…" draw in the pitfall colour, "after…" in the fix colour
     "parse": "before: ET.parse",
     "iterparse": "before: iterparse, no clear",
-    "talk": "talk: iterparse + elem.clear()",
+    "talk": "talk: the slide's loop",
     "clear": "after: iterparse + root.clear()",
     "lxml": "after: lxml + delete siblings",
 }
-SHORT = {"parse": "before: parse", "iterparse": "before: iterparse", "talk": "talk: elem.clear()",
+SHORT = {"parse": "before: parse", "iterparse": "before: iterparse", "talk": "talk: slide's loop",
          "clear": "after: root.clear()", "lxml": "after: lxml"}
 STYLE = {"parse": "-", "iterparse": "--", "talk": ":", "clear": "-", "lxml": "--"}  # same colour, other dash
 MARKER = {"parse": "o", "iterparse": "s", "talk": "^", "clear": "o", "lxml": "D"}
@@ -146,7 +86,7 @@ def xml_file(size_mb: float = DEFAULT_MB, seed: int = 0) -> Path:
     return data.vehicle_sales(int(size_mb * 10**6), seed)
 
 
-# ----------------------------------------------------------------------------- experiments (fresh process)
+# ----------------------------------------------------------------------------- loaders in a fresh process
 
 
 def measure_loader(variant: str, size_mb: float = DEFAULT_MB, *, timeline: bool = True,
@@ -161,7 +101,7 @@ def measure_loader(variant: str, size_mb: float = DEFAULT_MB, *, timeline: bool 
     path = xml_file(size_mb)
     m = peak_rss(LOADERS[variant], (str(path),), label=LABELS[variant], imports=XML_IMPORTS,
                  interval=interval if timeline else None)
-    m.meta.update(variant=variant, size_mb=size_mb, file_bytes=path.stat().st_size,
+    m.meta.update(variant=variant, size_mb=size_mb, file_bytes=path.stat().st_size, tool="fresh process",
                   records=m.meta["result"]["records"],
                   records_per_s=m.meta["result"]["records"] / m.meta["cpu_seconds"][-1])
     return m
@@ -172,26 +112,33 @@ def loaders(size_mb: float = DEFAULT_MB, variants: Sequence[str] = tuple(LOADERS
     return [measure_loader(v, size_mb) for v in variants]
 
 
+def check_sizes(sizes_mb: Sequence[float]) -> tuple[float, float]:
+    """``(smallest, largest)`` of a size sweep, or a ``ValueError`` saying what a sweep needs."""
+    sizes = sorted(float(s) for s in sizes_mb)
+    if len(sizes) < 2 or sizes[0] < MIN_SIZE_MB or sizes[-1] < MIN_SIZE_RATIO * sizes[0]:
+        raise ValueError(
+            f"SIZES_MB = {list(sizes_mb)}: a sweep needs at least two files, the smallest >= {MIN_SIZE_MB} MB "
+            f"and the largest >= {MIN_SIZE_RATIO}x the smallest, or growth cannot be told from allocator "
+            "noise; for example [5, 10, 20]")
+    return sizes[0], sizes[-1]
+
+
 def sweep(sizes_mb: Sequence[float] = SIZES_MB, variants: Sequence[str] = ("parse", "clear", "lxml"), *,
           reuse: Sequence[Measurement] = ()) -> dict[str, list[Measurement]]:
-    """Peak per loader per file size: ``{variant: [Measurement per size]}``.
+    """Peak per loader per file size: ``{variant: [Measurement per size, smallest first]}``.
 
     Runs already made in this session (``reuse``: same variant and size) are
     not repeated.
     """
+    check_sizes(sizes_mb)
     known = {(m.meta["variant"], m.meta["size_mb"]): m for m in reuse}
-    return {v: [known.get((v, s)) or measure_loader(v, s, timeline=False) for s in sizes_mb] for v in variants}
+    return {v: [known.get((v, s)) or measure_loader(v, s) for s in sorted(sizes_mb)] for v in variants}
 
 
 def throughput(measurements: Sequence[Measurement]) -> list[Measurement]:
     """Records per CPU-second of each loader run (timed inside the fresh process)."""
     return [Measurement(m.label, "throughput", "records per CPU-second", [m.meta["records_per_s"]], meta=m.meta)
             for m in measurements]
-
-
-def compare(before: Measurement, after: Measurement, title: str = "") -> Comparison:
-    """Peak memory, lower is better."""
-    return Comparison(before, after, better="lower", title=title or "peak RSS above baseline")
 
 
 def growth(series: Sequence[Measurement], floor_mib: float = 1.0) -> float:
@@ -203,6 +150,164 @@ def growth(series: Sequence[Measurement], floor_mib: float = 1.0) -> float:
     """
     first, last = series[0].value, series[-1].value
     return max(last, floor_mib) / max(first, floor_mib)
+
+
+def _size_ratio(series: Sequence[Measurement]) -> float:
+    first, last = check_sizes([m.meta["size_mb"] for m in series])
+    return last / first
+
+
+# ----------------------------------------------------------------------------- claims about loaders
+
+
+@claim("the full parse needs at least 8x the memory of a streaming loader")
+def streaming_needs_far_less(parse: Measurement, streaming: Measurement, floor_mib: float = 1.0) -> None:
+    """Peaks above baseline; a streaming peak under ``floor_mib`` counts as ``floor_mib``."""
+    ratio = parse.value / max(streaming.value, floor_mib)
+    verify(f"{parse.label} needs >= 8x the memory of {streaming.label}", ratio >= 8,
+           ratio=ratio, parse_mib=parse.value, streaming_mib=streaming.value)
+
+
+@claim("iterparse without clearing saves (almost) nothing: within 1.3x of the full parse")
+def iterparse_alone_saves_nothing(parse: Measurement, no_clear: Measurement) -> None:
+    verify(f"{no_clear.label} peaks within 1.3x of {parse.label}", no_clear.value >= parse.value / 1.3,
+           parse_mib=parse.value, no_clear_mib=no_clear.value)
+
+
+@claim("the full parse's peak grows in proportion to the file")
+def full_parse_grows_with_the_file(series: Sequence[Measurement]) -> None:
+    """At least 0.6x the size ratio of the sweep (a 4x file: >= 2.4x the peak)."""
+    ratio, g = _size_ratio(series), growth(series)
+    verify(f"{series[0].label}: peak grows >= {0.6 * ratio:.2f}x for a {ratio:g}x file", g >= 0.6 * ratio,
+           growth=g, peaks=str([round(m.value, 1) for m in series]))
+
+
+@claim("a streaming loader's peak stays flat as the file grows")
+def streaming_stays_flat(series: Sequence[Measurement]) -> None:
+    """At most 1.3x from the smallest file to the largest (peaks under 1 MiB count as 1 MiB)."""
+    ratio, g = _size_ratio(series), growth(series)
+    verify(f"{series[0].label}: peak within 1.3x for a {ratio:g}x file", g <= 1.3,
+           growth=g, peaks=str([round(m.value, 2) for m in series]))
+
+
+@claim("the talk's loop still grows with the file")
+def the_talks_loop_still_grows(series: Sequence[Measurement]) -> None:
+    """At least half the size ratio, and at least 1.5x (clear of the 1.3x a flat loader may show)."""
+    ratio, g = _size_ratio(series), growth(series)
+    need = max(1.5, 0.5 * ratio)
+    verify(f"{series[0].label}: peak grows >= {need:.2f}x for a {ratio:g}x file", g >= need,
+           growth=g, peaks=str([round(m.value, 2) for m in series]))
+
+
+@claim("streaming costs no speed: at least 0.6x the throughput of loading everything")
+def streaming_costs_no_speed(whole: Measurement, streaming: Measurement) -> None:
+    """Throughputs (higher is better) of the all-at-once way and the streaming way, same work."""
+    verify(f"{streaming.label}: at least 0.6x the {whole.metric} of {whole.label}",
+           streaming.value >= 0.6 * whole.value, streaming=streaming.value, whole=whole.value)
+
+
+@claim("every loader counted and summed the same records")
+def same_work(measurements: Sequence[Measurement]) -> None:
+    tallies = [(m.meta["result"]["records"], m.meta["result"]["total"]) for m in measurements]
+    verify("every loader counted and summed the same records", len(set(tallies)) == 1,
+           **{f"{m.label} ({m.meta.get('size_mb', '?')} MB)": str(t) for m, t in zip(measurements, tallies, strict=True)})
+
+
+# ----------------------------------------------------------------------------- the same, in this process
+
+
+def in_kernel(variant: str, size_mb: float = DEFAULT_MB, *, interval: float = 0.02) -> Measurement:
+    """Run one loader in THIS process under ``memory_profiler.memory_usage``; its sampled RSS (MiB).
+
+    ``memory_usage((f, args))`` calls ``f`` here while a forked monitor
+    process samples this process's RSS every ``interval`` s. The value is the
+    highest sample minus the first (taken as the call starts), the timeline
+    every sample relative to the first. (If the call ends within four
+    samples, memory_usage runs it again with a ten times shorter interval.)
+    """
+    from memory_profiler import memory_usage  # noqa: PLC0415
+
+    path = str(xml_file(size_mb))
+    samples, result = memory_usage((LOADERS[variant], (path,)), interval=interval, timestamps=True, retval=True)
+    start, t0 = samples[0]
+    return Measurement(f"memory_usage: {SHORT[variant]}", "peak RSS above baseline", "MiB",
+                       [max(m for m, _ in samples) - start], timeline=[(t - t0, m - start) for m, t in samples],
+                       meta={"variant": variant, "size_mb": size_mb, "tool": "memory_usage in this kernel",
+                             "interval": interval, "samples": len(samples), "start_mib": start, "result": result})
+
+
+def from_memit(result: Any, variant: str, size_mb: float) -> Measurement:
+    """A ``%memit -o`` result as a Measurement: its increment (peak sample minus the RSS before), MiB."""
+    peak = max(result.mem_usage)
+    return Measurement(f"%memit: {SHORT[variant]}", "peak RSS above baseline", "MiB", [peak - result.baseline],
+                       meta={"variant": variant, "size_mb": size_mb, "tool": "%memit in this kernel",
+                             "interval": result.interval, "peak_mib": peak, "baseline_mib": result.baseline})
+
+
+def tools_table(*measurements: Measurement) -> Table:
+    """One row per loader, one column per tool (``meta["tool"]``): peak above baseline, MiB."""
+    tools = list(dict.fromkeys(m.meta["tool"] for m in measurements))
+    rows: dict[str, dict[str, float]] = {}
+    for m in measurements:
+        rows.setdefault(f"{LABELS[m.meta['variant']]} ({m.meta['size_mb']:g} MB)", {})[m.meta["tool"]] = m.value
+    return Table(["loader", *tools], [[name, *(r.get(t) for t in tools)] for name, r in rows.items()],
+                 title="peak RSS above baseline [MiB], three ways")
+
+
+# ----------------------------------------------------------------------------- a fresh child's ru_maxrss
+
+
+def _reset_peak() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux; elsewhere nothing happens)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def inherited_peak(*, ballast_mib: int = 300) -> list[Measurement]:
+    """What a fresh child reports about itself, started from this process at two sizes.
+
+    First this process's peak is reset and a child asked (``without``), then
+    ``ballast_mib`` MiB are allocated here and a second child asked
+    (``with``). Returns the children's ``ru_maxrss`` and their ``VmHWM``, each
+    as ``[without, with]`` (MiB); ``meta`` has this process's own figures.
+    """
+    _reset_peak()
+    without = run_fresh(memory_now, interval=None).result
+    ballast = bytearray(ballast_mib * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: RSS really grows
+    here = memory_now()
+    with_ballast = run_fresh(memory_now, interval=None).result
+    del ballast
+    meta = {"ballast_mib": ballast_mib, "parent": here, "without": without, "with": with_ballast}
+    return [Measurement(label, "a fresh child's own peak, as it reports it", "MiB",
+                        [without[key], with_ballast[key]], stat="last", meta=meta)
+            for label, key in (("ru_maxrss", "maxrss"), ("VmHWM", "hwm"))]
+
+
+@claim("a fresh child's ru_maxrss carries its parent's peak")
+def ru_maxrss_carries_the_parents_peak(figure: Measurement) -> None:
+    """The child's figure rose by at least 2/3 of the memory its parent gained in between."""
+    ballast = figure.meta["ballast_mib"]
+    rise = figure.values[1] - figure.values[0]
+    verify(f"the child's {figure.label} rose with its parent's {ballast} MiB", ballast > 0 and rise >= ballast * 2 / 3,
+           rise_mib=rise, without=figure.values[0], with_ballast=figure.values[1])
+
+
+# ----------------------------------------------------------------------------- tables and plots
+
+
+def table(measurements: Sequence[Measurement]) -> Table:
+    """Fresh-process runs: net peak, whole-process peak, baseline, wall and CPU seconds, records/CPU-s."""
+    rows = []
+    for m in measurements:
+        meta = m.meta
+        rows.append([m.label, meta.get("size_mb"), meta["net_mib"][-1], meta["peak_mib"][-1], meta["baseline_mib"][-1],
+                     round(meta["seconds"][-1], 2), round(meta["cpu_seconds"][-1], 2), meta.get("records_per_s")])
+    return Table(["run", "MB", "peak above baseline [MiB]", "whole-process peak [MiB]", "baseline [MiB]",
+                  "wall s", "CPU s", "records per CPU-s"], rows)
 
 
 def plot_timelines(measurements: Sequence[Measurement], ax=None):
@@ -242,28 +347,6 @@ def plot_sweep(results: dict[str, list[Measurement]], axes: Sequence[Any] | None
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
     return axes
-
-
-def table(measurements: Sequence[Measurement]) -> Any:
-    """An HTML table of fresh-process runs: net peak, whole-process peak, baseline, times, records/CPU-s."""
-    from IPython.display import HTML  # noqa: PLC0415
-
-    rows = []
-    for m in measurements:
-        meta = m.meta
-        rate = meta.get("records_per_s")
-        rows.append(
-            f"<tr><td style='text-align:left'>{m.label}</td><td>{meta.get('size_mb', '')}</td>"
-            f"<td><b>{meta['net_mib'][-1]:.1f}</b></td><td>{meta['peak_mib'][-1]:.1f}</td>"
-            f"<td>{meta['baseline_mib'][-1]:.1f}</td><td>{meta['seconds'][-1]:.2f}</td>"
-            f"<td>{meta['cpu_seconds'][-1]:.2f}</td><td>{'' if rate is None else f'{rate:,.0f}'}</td></tr>"
-        )
-    return HTML(
-        "<table><thead><tr><th>run</th><th>MB</th><th>peak above baseline [MiB]</th>"
-        "<th>whole-process peak [MiB]</th><th>baseline [MiB]</th><th>wall s</th><th>CPU s</th>"
-        "<th>records per CPU-s</th>"
-        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
 
 
 def explore_size(size_mb: float = DEFAULT_MB, variants: Sequence[str] = ("parse", "talk", "lxml")) -> list[Measurement]:
@@ -337,31 +420,8 @@ class ByteServer(LoopbackServer):
         return Handler
 
 
-def download_content(url: str) -> dict[str, int]:
-    """Before: ``r.content`` holds the whole body in memory (and briefly its pieces too)."""
-    import requests  # noqa: PLC0415
-
-    r = requests.get(url, timeout=60)
-    r.raise_for_status()
-    body = r.content
-    return {"bytes": len(body), "crc32": zlib.crc32(body)}
-
-
-def download_stream(url: str, chunk_size: int = 1 << 16) -> dict[str, int]:
-    """After: ``stream=True`` + ``iter_content``: one chunk at a time (write it to a file in real life)."""
-    import requests  # noqa: PLC0415
-
-    n, crc = 0, 0
-    with requests.get(url, stream=True, timeout=60) as r:
-        r.raise_for_status()
-        for chunk in r.iter_content(chunk_size=chunk_size):
-            n += len(chunk)
-            crc = zlib.crc32(chunk, crc)
-    return {"bytes": n, "crc32": crc}
-
-
-def downloads(size_mb: float = 150, chunk_size: int = 1 << 16, *, interval: float = 0.02) -> Comparison:
-    """``r.content`` vs ``iter_content`` for a ``size_mb`` MB body from a local :class:`ByteServer`.
+def compare_downloads(*, size_mb: float = 150, chunk_size: int = 1 << 16, interval: float = 0.02) -> Comparison:
+    """``r.content`` vs ``iter_content(chunk_size)`` for a ``size_mb`` MB body from a local :class:`ByteServer`.
 
     Each download runs in a fresh interpreter with ``requests`` imported before
     the baseline; the server runs in this process and is closed on return.
@@ -374,8 +434,44 @@ def downloads(size_mb: float = 150, chunk_size: int = 1 << 16, *, interval: floa
         after = peak_rss(download_stream, (url, chunk_size), label=f"after: iter_content({chunk_size})",
                          imports=("requests",), interval=interval)
     for m in (before, after):
-        m.meta.update(size_mb=size_mb, chunk_size=chunk_size)
+        m.meta.update(size_mb=size_mb, body_bytes=n, chunk_size=chunk_size)
     return Comparison(before, after, better="lower", title=f"download of {size_mb:g} MB")
+
+
+@claim("streaming a download needs at least 5x less memory, and r.content holds the whole body")
+def a_streamed_download_needs_far_less(dl: Comparison) -> None:
+    dl.check(factor=5, before_at_least=dl.before.meta["body_bytes"] / MIB)
+    verify("both downloads received the same bytes", dl.before.meta["result"] == dl.after.meta["result"],
+           before=str(dl.before.meta["result"]), after=str(dl.after.meta["result"]))
+
+
+def download_speeds(*, size_mb: float = 2.0, chunk_size: int = 1 << 16, one_byte_kb: float = 50,
+                    repeat: int = 5) -> list[Measurement]:
+    """Download throughput in this process (MB/s): ``r.content``, ``iter_content(chunk_size)``, ``iter_content(1)``.
+
+    The first two fetch a ``size_mb`` body ``repeat`` times each, taking
+    turns; ``chunk_size=1`` — what ``r.iter_content()`` does when you give it
+    no size — fetches only ``one_byte_kb`` kB, three times, because it is that
+    slow. Throughput is bytes per second, so the sizes may differ.
+    """
+    big, small = int(size_mb * 10**6), int(one_byte_kb * 1000)
+    ways = {"before: r.content": (download_content, big, ()),
+            f"after: iter_content({chunk_size})": (download_stream, big, (chunk_size,)),
+            "naive: iter_content(1)": (download_stream, small, (1,))}
+    samples: dict[str, list[float]] = {label: [] for label in ways}
+    with ByteServer() as server:
+        for k in range(repeat):
+            for label, (fn, n, extra) in ways.items():
+                if n == small and k >= 3:
+                    continue
+                t0 = time.perf_counter()
+                got = fn(f"{server.url}/bytes/{n}", *extra)
+                seconds = time.perf_counter() - t0
+                assert got["bytes"] == n, (label, got)
+                samples[label].append(n / seconds / 1e6)
+    return [Measurement(label, "download speed", "MB/s", values,
+                        meta={"bytes": ways[label][1], "chunk_size": (ways[label][2] or (None,))[0]})
+            for label, values in samples.items()]
 
 
 # ----------------------------------------------------------------------------- in the cluster
@@ -385,18 +481,25 @@ WORKERS = [
     {"name": "capped", "queues": ["capped"], "concurrency": 1},
 ]
 LIMIT_MIB = 120  # worker_max_memory_per_child, for the "capped" worker's demonstration
+MIN_CLUSTER_MB = 10  # a full parse of a smaller file may stay under LIMIT_MIB
 
 
-def cluster_options(limit_mib: float = LIMIT_MIB) -> dict[str, Any]:
-    """``LocalCluster(**memory.cluster_options())``: the two workers this lesson uses.
+def cluster_config(limit_mib: float = LIMIT_MIB) -> dict[str, Any]:
+    """``LocalCluster(**memory.CLUSTER)``: the two workers this lesson uses.
 
     ``importer`` (two pool children, each replaced after ONE task) measures a
-    task's peak cleanly; ``capped`` keeps its one child until
-    ``worker_max_memory_per_child`` (KiB; a worker-wide setting, applied to
-    both) says otherwise. No ZooKeeper needed.
+    task's peak without the leftovers of earlier tasks; ``capped`` keeps its
+    one child until ``worker_max_memory_per_child`` (KiB; a worker-wide
+    setting, applied to both) says otherwise. No ZooKeeper needed.
     """
+    if not isinstance(limit_mib, int | float) or limit_mib <= 0:
+        raise ValueError(f"limit_mib must be a positive number of MiB, not {limit_mib!r}")
     return {"workers": WORKERS, "zookeeper": 0,
             "settings": {"worker_max_memory_per_child": int(limit_mib * 1024)}}
+
+
+CLUSTER = cluster_config()
+WORKSHOP = {"SIZE_MB": 40, "SIZES_MB": [10, 20, 40], "DOWNLOAD_MB": 300, "CLUSTER_MB": 20}
 
 
 @shared_task(name="memory.import_file")
@@ -405,7 +508,9 @@ def import_file(path: str, variant: str = "parse") -> dict[str, Any]:
 
     ``maxrss_mib`` is ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end — the
     figure Celery's ``worker_max_memory_per_child`` looks at, and only *after*
-    a task returns. ``start_rss_mib`` is the child's RSS when the task began.
+    a task returns. A forked child's ``ru_maxrss`` starts at the RSS it had
+    when it was forked (the worker's pages it shares), so ``start_rss_mib``
+    (this child's RSS when the task began) is what the task started from.
     """
     start = memory_now()
     t0 = time.perf_counter()
@@ -417,16 +522,22 @@ def import_file(path: str, variant: str = "parse") -> dict[str, Any]:
             "maxrss_mib": end["maxrss"], "hwm_mib": end["hwm"]}
 
 
-def in_cluster(cluster: Any, size_mb: float = 10, variants: Sequence[str] = ("parse", "lxml"), *,
+def _check_cluster_mb(size_mb: float) -> None:
+    if size_mb < MIN_CLUSTER_MB:
+        raise ValueError(f"CLUSTER_MB = {size_mb}: use at least {MIN_CLUSTER_MB} MB, so that a full parse "
+                         f"clearly passes the capped worker's {LIMIT_MIB} MiB and dwarfs lxml's own code")
+
+
+def in_cluster(cluster: ClusterLike, *, size_mb: float = 10, variants: Sequence[str] = ("parse", "lxml"),
                queue: str = "import", timeout: float = 120) -> list[Measurement]:
     """The same loaders as Celery tasks on the ``importer`` worker, sent together.
 
-    With ``max_tasks_per_child=1`` a pool child runs one task and exits, so
-    every task runs in a child that has run nothing before, and its
-    ``ru_maxrss`` is that task's own peak (plus the child's start-up RSS,
-    forked from the worker: ``meta["start_rss_mib"]``). Values: the child's
-    peak RSS in MiB.
+    With ``max_tasks_per_child=1`` a pool child runs one task and exits, so no
+    task starts in a child an earlier task made fat. Values: the child's
+    ``ru_maxrss`` at the end (MiB); ``meta["net_mib"]`` subtracts the child's
+    RSS when the task started, which it had from the fork.
     """
+    _check_cluster_mb(size_mb)
     path = str(xml_file(size_mb))
     task = cluster.task(import_file)
     pending = [task.apply_async((path, v), queue=queue) for v in variants]
@@ -438,22 +549,45 @@ def in_cluster(cluster: Any, size_mb: float = 10, variants: Sequence[str] = ("pa
     return out
 
 
-def runaway(cluster: Any, size_mb: float = 10, *, limit_mib: float = LIMIT_MIB, queue: str = "capped",
-            timeout: float = 120) -> dict[str, Any]:
-    """Show that ``worker_max_memory_per_child`` does not stop a task that blows past it.
+@claim("in a worker's pool child, the full parse needs at least 5x what streaming needs")
+def a_worker_child_needs_far_less_streaming(whole: Measurement, streaming: Measurement) -> None:
+    """Above each child's RSS at task start; streaming's figure includes lxml's code, imported on first use."""
+    verify(f"{whole.label} needs >= 5x {streaming.label} above the child's start",
+           whole.meta["net_mib"] >= 5 * max(streaming.meta["net_mib"], 1.0),
+           whole=whole.meta["net_mib"], streaming=streaming.meta["net_mib"])
+
+
+def runaway(cluster: ClusterLike, *, size_mb: float = 10, variant: str = "parse", queue: str = "capped",
+            timeout: float = 120) -> Measurement:
+    """Does ``worker_max_memory_per_child`` stop a task that blows past it?
 
     On the ``capped`` worker (one pool child): a small streaming import, then
-    the full parse, then another small import, sent together (one child runs
-    them in order). The parse runs to the end in the same child, far above
-    the limit; only afterwards is the child replaced, which the third task's
-    new pid shows.
+    ``variant`` (the full parse), then another small import, sent together
+    (the one child runs them in order). Values: each step's ``ru_maxrss``
+    (MiB); ``meta`` says whether the big step ran in the same child as the
+    first and whether the child was replaced after it.
     """
+    _check_cluster_mb(size_mb)
+    limit_kib = cluster.app.conf.worker_max_memory_per_child
+    if not limit_kib:
+        raise ValueError("the cluster has no worker_max_memory_per_child: start it with LocalCluster(**memory.CLUSTER)")
     path = str(xml_file(size_mb))
     task = cluster.task(import_file)
-    pending = [task.apply_async((path, v), queue=queue) for v in ("lxml", "parse", "lxml")]
+    pending = [task.apply_async((path, v), queue=queue) for v in ("lxml", variant, "lxml")]
     steps = [{**res.get(timeout=timeout), "state": res.state} for res in pending]
-    return {"limit_mib": limit_mib, "steps": steps,
-            "same_child": steps[0]["pid"] == steps[1]["pid"],
-            "replaced_after": steps[2]["pid"] != steps[1]["pid"],
-            "parse_peak_mib": steps[1]["maxrss_mib"], "parse_state": steps[1]["state"]}
+    return Measurement(f"capped worker: lxml, {variant}, lxml", "pool child peak RSS", "MiB",
+                       [s["maxrss_mib"] for s in steps], stat="max",
+                       meta={"limit_mib": limit_kib / 1024, "steps": steps, "variant": variant, "size_mb": size_mb,
+                             "same_child": steps[0]["pid"] == steps[1]["pid"],
+                             "replaced_after": steps[2]["pid"] != steps[1]["pid"],
+                             "big_peak_mib": steps[1]["maxrss_mib"], "big_state": steps[1]["state"]})
 
+
+@claim("worker_max_memory_per_child does not stop a task: it ran past the limit, then the child was replaced")
+def a_memory_limit_does_not_stop_a_task(m: Measurement) -> None:
+    meta = m.meta
+    verify("the big task succeeded, and its child went past the limit",
+           meta["big_state"] == "SUCCESS" and meta["big_peak_mib"] > meta["limit_mib"],
+           peak=meta["big_peak_mib"], limit=meta["limit_mib"], state=meta["big_state"])
+    verify("... in the same child that ran the task before it, which was replaced only afterwards",
+           meta["same_child"] and meta["replaced_after"], pids=str([s["pid"] for s in meta["steps"]]))
