@@ -280,6 +280,8 @@ class LocalCluster(ClusterClient):
         options = {"events": True, **(worker_options or {})} if events else dict(worker_options or {})
         if redis == "sentinel" and options.get("relay"):
             raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
+        if rabbitmq_nodes > 1 and options.get("relay"):
+            raise ValueError("relay=True needs one broker node: a relay points at one fixed server")
         if isinstance(workers, bool) or not isinstance(workers, int | list | tuple):
             raise ValueError(f"workers must be a count or a list of worker specs, not {workers!r}")
         if isinstance(workers, int):
@@ -299,7 +301,7 @@ class LocalCluster(ClusterClient):
             specs.append(spec)
         if redis == "sentinel" and any(s.relay for s in specs):
             raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
-        if rabbitmq_nodes > 1 and (options.get("relay") or any(s.relay for s in specs)):
+        if rabbitmq_nodes > 1 and any(s.relay for s in specs):
             raise ValueError("relay=True needs one broker node: a relay points at one fixed server")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
