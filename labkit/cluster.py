@@ -389,11 +389,49 @@ class LocalCluster(ClusterClient):
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> LocalCluster:
-        """Start every service (in parallel) and return when all are ready."""
+        """Start every service (in parallel) and return when all are ready.
+
+        After :meth:`start_soon`, waits for that start to finish (and raises its error).
+        """
         if self.state == Status.RUNNING:
             return self
         if self.state == Status.CLOSED:
             raise RuntimeError(f"cluster {self.id} is closed; create a new LocalCluster")
+        background, self._background = getattr(self, "_background", None), None
+        if background is not None:
+            thread, box = background
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+        else:
+            self._start_services()
+        self.app.set_current()
+        self.app.set_default()
+        return self
+
+    def start_soon(self) -> LocalCluster:
+        """Begin starting the services in a background thread and return at once.
+
+        For a cluster that a notebook needs only later (a RabbitMQ cluster takes
+        seconds to boot): its start-up overlaps with the cells before.
+        :meth:`start` waits for it to be ready (or raises what went wrong).
+        """
+        if self.state != Status.NEW or getattr(self, "_background", None) is not None:
+            return self
+        box: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                self._start_services()
+            except BaseException as exc:  # handed to start()
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"labkit-start-{self.id}", daemon=True)
+        self._background = (thread, box)
+        thread.start()
+        return self
+
+    def _start_services(self) -> None:
         t0 = time.monotonic()
         self.state = Status.STARTING
         self._register()
@@ -427,10 +465,7 @@ class LocalCluster(ClusterClient):
             raise
         self.state = Status.RUNNING
         self.started_in = time.monotonic() - t0
-        self.app.set_current()
-        self.app.set_default()
         self._write_state()
-        return self
 
     def _wait_all(self, services: list[Service]) -> None:
         """Wait for every service at once; report *all* that failed, not the first."""
@@ -465,6 +500,9 @@ class LocalCluster(ClusterClient):
 
     def close(self, keep_run_dir: bool = False) -> None:
         """Stop every service (beats and workers first) and remove the run directory. Idempotent."""
+        background, self._background = getattr(self, "_background", None), None
+        if background is not None:  # a start_soon() under way: let it finish (or fail) first
+            background[0].join()
         if self.state == Status.CLOSED:
             return
         self.state = Status.CLOSING

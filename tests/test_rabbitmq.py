@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from labkit import Status
+from labkit import LocalCluster, Status
 from labkit.lessons.welcome import add
 from labkit.poll import poll_until
 from labkit.services.base import labkit_processes
@@ -163,3 +163,23 @@ def test_three_nodes_form_one_cluster_with_quorum_queues_and_survive_one_death()
         cid = c.id
     assert not erlang_of(cid)
     print(f"three-node cluster ready in {started:.1f} s")
+
+
+def test_start_soon_boots_in_the_background_and_start_waits_for_it():
+    c = LocalCluster(workers=1, zookeeper=0, broker="rabbitmq", reuse=False, start=False)
+    try:
+        t0 = time.monotonic()
+        assert c.start_soon() is c
+        assert time.monotonic() - t0 < 1.0 and c.state in (Status.NEW, Status.STARTING)
+        assert c.start() is c and c.state == Status.RUNNING
+        assert c.task(add).delay(1, 1).get(timeout=20) == 2
+    finally:
+        c.close()
+    assert not erlang_of(c.id)
+
+
+def test_closing_during_a_background_start_leaves_nothing():
+    c = LocalCluster(workers=1, zookeeper=0, broker="rabbitmq", reuse=False, start=False).start_soon()
+    c.close()
+    assert c.state == Status.CLOSED
+    assert not labkit_processes(c.id)
