@@ -444,8 +444,7 @@ class LocalCluster(ClusterClient):
             if self.rabbitmq is not None:
                 self.rabbitmq.epmd.spawn()
                 self._wait_all([self.rabbitmq.epmd])  # a node registers with it as it boots
-                for node in rabbit:
-                    node.spawn()
+                self.rabbitmq.spawn_nodes(self.start_timeout)  # a cluster's seed first
             self._wait_all([self.redis])
             ha = self.sentinel.services if self.sentinel is not None else []
             for s in [*ha, *self.relays.values()]:

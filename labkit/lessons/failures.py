@@ -631,6 +631,8 @@ def node_death(cluster: LocalCluster, *, window_s: float = 3.0, rate_hz: float =
     that never ran (``lost``) and messages that ran twice.
     """
     victim = node or cluster.rabbitmq_nodes[0].name
+    names = {n.node: n.name for n in cluster.rabbitmq_nodes}
+    leaders = cluster.rabbitmq_nodes[0].queue_leaders() if len(names) > 1 else {}
     run = f"node:{uuid.uuid4().hex[:8]}"
     app = _producer(cluster)
     records: list[dict] = []
@@ -679,6 +681,7 @@ def node_death(cluster: LocalCluster, *, window_s: float = 3.0, rate_hz: float =
                              "ok_after": len(ok_after), "resumed": bool(ok_after), "window_s": window_s,
                              "lost": len(acked - set(runs)), "twice": sum(1 for v in runs.values() if v > 1),
                              "ran_unacked": len(set(runs) - acked), "killed": victim, "nodes": nodes,
+                             "leader": names.get(leaders.get("celery", ""), "-"),
                              "timeline": [(x["sent"], x["acked"], x["ok"]) for x in records]})
 
 
@@ -870,7 +873,7 @@ def plot_failover(measurements: list[Measurement]):
             ax.plot([sent, acked], [k, k], color=colour_for(m.label, i) if ok else "black", lw=1.2,
                     alpha=0.9 if ok else 0.4)
         ax.axvline(0, color="black", lw=1)
-        ax.annotate(" primary killed", (0, len(m.meta["timeline"]) * 0.95), fontsize=8)
+        ax.annotate(" killed", (0, len(m.meta["timeline"]) * 0.95), fontsize=8)
         style(ax, f"{m.label}: resumed after {m.value:.2f} s" if m.meta["resumed"]
               else f"{m.label}: nothing accepted", "publish #", "seconds since the kill (line: sent → accepted)")
     return fig

@@ -37,8 +37,11 @@ A node of a cluster is ready when, in addition, every member runs
 (``rabbit_nodes:all_running()`` through ``erl_call``).
 
 Several nodes form a cluster through RabbitMQ's classic peer discovery:
-the first node starts alone, the others list it in ``cluster_nodes`` and
-join it as soon as it answers. They all start at once.
+the first node (the seed) starts alone, the others list it in
+``cluster_nodes`` and join it. They are spawned once the seed answers AMQP:
+spawned together, a joiner can reach the seed while the seed is still
+enabling its feature flags, copy a half-migrated schema, and both crash
+(``schema_integrity_check_failed``; seen once in a few dozen parallel starts).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..poll import poll_until
 from ..status import Status
 from .base import Service, ServiceError, free_port, port_in_use
 
@@ -396,6 +400,17 @@ class RabbitMQService(Service):
             "-syslog", "syslog_error_logger", "false",
         ]
 
+    def amqp_ready(self) -> bool:
+        """True once the node completes an AMQP handshake (never raises)."""
+        if not port_in_use(self.port):  # listening yet? (see the module docstring: no self-connect)
+            return False
+        try:
+            amqp_handshake(self.port)
+        except Exception as exc:
+            self.last_probe_error = exc
+            return False
+        return True
+
     def probe(self) -> bool:
         if not port_in_use(self.port):  # listening yet? (see the module docstring: no self-connect)
             return False
@@ -472,6 +487,12 @@ class RabbitMQService(Service):
         return {name: kind.removeprefix("rabbit_").removesuffix("_queue")
                 for name, kind in re.findall(r'\{"([^"]*)", ?(\w+)\}', text)}
 
+    def queue_leaders(self) -> dict[str, str]:
+        """Quorum queue name -> the Erlang node that leads it now."""
+        text = self.erl_eval('[{binary_to_list(N), L} || [{name, {resource, _, queue, N}}, {type, quorum}, '
+                             '{leader, L}] <- rabbit_amqqueue:info_all(<<"/">>, [name, type, leader])].')
+        return dict(re.findall(r"\{\"([^\"]*)\", ?'?([\w.@-]+)'?\}", text))
+
     def running_nodes(self) -> list[str]:
         """Names of the cluster's nodes that run RabbitMQ now, as this node sees them."""
         return re.findall(r"'?([\w.-]+@[\w.-]+)'?", self.erl_call("rabbit_nodes", "all_running"))
@@ -510,6 +531,24 @@ class RabbitMQGroup:
     @property
     def management_url(self) -> str:
         return next((n.management_url for n in self.nodes if n.management_port), "")
+
+    def spawn_nodes(self, timeout: float) -> None:
+        """Spawn the nodes: the seed first and, for a cluster, the others once it answers AMQP.
+
+        Returns without waiting for the last ones (``wait_ready`` them); raises
+        the seed's ServiceError if it never answers.
+        """
+        seed, rest = self.nodes[0], self.nodes[1:]
+        seed.spawn()
+        if rest:
+            if not poll_until(seed.amqp_ready, timeout, 0.05, alive=seed.alive):
+                seed.state = Status.FAILED
+                problem = (f"exited with code {seed.proc.returncode} during start-up" if not seed.alive()
+                           else f"did not answer AMQP within {timeout:.0f} s (the other nodes wait to join it)")
+                raise ServiceError(seed.name, problem, command=seed.command(), log=seed.log_path,
+                                   remedy=seed.remedy())
+            for node in rest:
+                node.spawn()
 
 
 def rabbitmq_group(run_dir: Path, cluster_id: str, nodes: int = 1, *, management: bool = False,

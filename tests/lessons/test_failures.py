@@ -148,3 +148,45 @@ def test_failures_claim_fails_without_the_fix_no_quorum(hardened):
     two = hardened["two_down"]
     with pytest.raises(AssertionError, match="locks are still served"):
         failures.ensemble_survives(Comparison(two, two))
+
+
+# ----------------------------------------------------------------------------- the talk's broker: RabbitMQ
+@pytest.fixture(scope="module")
+def rabbit():
+    """The three-node RabbitMQ cluster (quorum queues), started once: visibility, then a node's death."""
+    with LocalCluster(**failures.RABBIT, reuse=False) as r:
+        nodes = r.rabbitmq_nodes
+        yield {
+            "types": nodes[0].queue_types(),
+            "vt": failures.visibility(r),
+            "death": failures.node_death(r, window_s=WINDOW_S),
+        }
+
+
+def test_failures_rabbitmq_has_no_visibility_timeout(rabbit):
+    vt = rabbit["vt"]
+    assert {m.meta["broker"] for m in vt.values()} == {"rabbitmq"} and rabbit["types"]["celery"] == "quorum"
+    failures.rabbitmq_runs_once(vt["long"], vt["countdown"])
+    failures.effects_once(vt["long"])  # once, so no idempotency key was needed
+
+
+def test_failures_claim_fails_without_the_fix_visibility_timeout_on_redis(everyday):
+    """The same check on the Redis run of the same workload: the visibility timeout ran both tasks again."""
+    with pytest.raises(AssertionError, match="one execution"):
+        failures.rabbitmq_runs_once(everyday["vt"]["long"], everyday["vt"]["countdown"])
+
+
+def test_failures_quorum_cluster_survives_a_node(rabbit):
+    m = rabbit["death"]
+    failures.quorum_survives_a_node(m)
+    assert m.meta["killed"] == "rabbit1" and m.meta["ok_before"] > 0
+
+
+def test_failures_claim_fails_without_the_fix_single_rabbitmq_node():
+    """One RabbitMQ node is a single point of failure like one Redis: after its death nothing is accepted."""
+    single = {**failures.RABBIT, "rabbitmq_nodes": 1}
+    with LocalCluster(**single, reuse=False) as r:
+        m = failures.node_death(r, window_s=WINDOW_S)
+    assert m.meta["ok_after"] == 0
+    with pytest.raises(AssertionError, match="accepted again"):
+        failures.quorum_survives_a_node(m)
