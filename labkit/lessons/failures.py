@@ -477,6 +477,13 @@ def visibility(cluster: LocalCluster, *, task_s: float = 2 * VT, countdown_s: fl
             for key in sent}
 
 
+def visibility_each(cluster: LocalCluster, *others: LocalCluster, **params: Any) -> list[dict[str, Measurement]]:
+    """:func:`visibility` on ``cluster`` and each of ``others`` at once (each has its own broker and workers)."""
+    clusters = [cluster, *others]
+    with ThreadPoolExecutor(max_workers=len(clusters), thread_name_prefix="labkit-vt") as pool:
+        return list(pool.map(lambda c: visibility(c, **params), clusters))
+
+
 @claim("with a visibility timeout above the longest task and countdown, each task runs exactly once")
 def runs_once(comparison: Comparison) -> None:
     b, a = comparison.before, comparison.after
