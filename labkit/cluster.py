@@ -636,6 +636,14 @@ class LocalCluster(ClusterClient):
         self._write_state()
         return self.management_url
 
+    def management_api(self, path: str) -> Any:
+        """``GET`` RabbitMQ's management HTTP API on the first node that serves it (JSON decoded)."""
+        node = next((n for n in self.rabbitmq_nodes if n.management_port and n.alive()), None)
+        if node is None:
+            raise ServiceError("management", "no RabbitMQ node of this cluster runs the management plugin",
+                               remedy="LocalCluster(broker='rabbitmq', management=True), or cluster.add_management()")
+        return node.api(path)
+
     def _start_added(self, service: Service, registry: dict[str, Any], start: bool) -> None:
         if start and self.state == Status.RUNNING:
             try:

@@ -284,7 +284,7 @@ class RabbitMQService(Service):
     install: RabbitInstall | None = field(default=None, repr=False)
 
     kind = "rabbitmq"
-    stop_timeout: float = 3.0  # a clean stop takes ~1 s (6 s with the management plugin): then SIGKILL
+    stop_timeout: float = 2.0  # a clean stop takes ~1 s (6 s with the management plugin): then SIGKILL
 
     # -- layout ---------------------------------------------------------------------
     @property
