@@ -407,9 +407,9 @@ def hung_queue(cluster: LocalCluster, *, flood: int = 200, worker: str = "r1", s
     no ``task-sent``); ``"dashboard"``: the kit's dashboard's depth column
     (a passive ``queue.declare``: messages *ready*); ``"management"``: the
     management plugin's ``/api/queues`` (ready + unacknowledged). The
-    management plugin's numbers are statistics refreshed every second
-    (``collect_statistics_interval``); all three are read once they have
-    stopped changing. Then the queue is purged and the worker resumed.
+    management plugin's numbers are statistics refreshed every 0.5 s here
+    (``collect_statistics_interval``; 5 s by default); all three are read
+    once they have stopped changing. Then the queue is purged and the worker resumed.
     """
     from labkit.dashboard import EventMonitor  # noqa: PLC0415
 
@@ -433,8 +433,8 @@ def hung_queue(cluster: LocalCluster, *, flood: int = 200, worker: str = "r1", s
         key = tuple(sorted(now.items()))
         if key != last["key"]:
             last.update(key=key, since=time.monotonic())
-        # unchanged across more than two statistics refreshes: the management numbers have caught up
-        return now if time.monotonic() - last["since"] >= 2.2 and now["ready"] + now["unacked"] > 0 else None
+        # unchanged across more than two statistics refreshes (every 0.5 s): the numbers have caught up
+        return now if time.monotonic() - last["since"] >= 1.2 and now["ready"] + now["unacked"] > 0 else None
 
     try:
         cluster.pause(worker)

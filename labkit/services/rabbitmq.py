@@ -343,7 +343,7 @@ class RabbitMQService(Service):
     def _config(self) -> str:
         rabbit: list[tuple] = [
             (_Atom("tcp_listeners"), [("127.0.0.1", self.port)]),
-            (_Atom("collect_statistics_interval"), 1000),  # the management UI's refresh, in ms
+            (_Atom("collect_statistics_interval"), 500),  # the management statistics refresh, in ms
         ]
         if self.seeds:
             rabbit += [
