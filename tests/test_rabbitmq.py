@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from labkit import LocalCluster, Status
+from labkit import LocalCluster, Status, attach
 from labkit.lessons.welcome import add
 from labkit.poll import poll_until
 from labkit.services.base import labkit_processes
@@ -103,6 +103,31 @@ def test_the_management_plugin_starts_on_demand(rabbit):
     assert url.startswith("http://127.0.0.1:") and url in rabbit._repr_html_()
     queues = {q["name"] for q in rabbit.rabbitmq_nodes[0].api("/api/queues")}
     assert "celery" in queues
+
+
+def test_the_broker_choice_reaches_every_celery_process(rabbit):
+    """Workers, beats and Flower are told the broker's URL; Flower serves its API off RabbitMQ."""
+    beat = rabbit.add_beat()
+    flower = rabbit.add_flower()
+    try:
+        for service in (rabbit.workers["w1"], beat, flower):
+            env = psutil.Process(service.pid).environ()
+            assert env["LABKIT_BROKER_URL"] == rabbit.broker_url, service.name
+            assert env["LABKIT_REDIS_URL"] == rabbit.redis_url, service.name
+        workers = json.loads(flower.get("/api/workers?refresh=1"))
+        assert rabbit.workers["w1"].hostname in workers
+    finally:
+        rabbit.remove_beat("beat")
+        flower.stop()
+        del rabbit.flowers["flower"]
+
+
+def test_attach_to_a_rabbitmq_cluster(rabbit, monkeypatch):
+    monkeypatch.setenv("LABKIT_REDIS_URL", rabbit.redis_url)
+    monkeypatch.setenv("LABKIT_BROKER_URL", rabbit.broker_url)
+    with attach() as other:
+        assert other.broker_url == rabbit.broker_url
+        assert other.task(add).delay(20, 22).get(timeout=20) == 42
 
 
 def test_a_worker_relay_cuts_the_broker_link_only(rabbit):

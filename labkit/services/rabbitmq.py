@@ -493,9 +493,9 @@ class RabbitMQService(Service):
                              '{leader, L}] <- rabbit_amqqueue:info_all(<<"/">>, [name, type, leader])].')
         return dict(re.findall(r"\{\"([^\"]*)\", ?'?([\w.@-]+)'?\}", text))
 
-    def running_nodes(self) -> list[str]:
+    def running_nodes(self, timeout: float = 10.0) -> list[str]:
         """Names of the cluster's nodes that run RabbitMQ now, as this node sees them."""
-        return re.findall(r"'?([\w.-]+@[\w.-]+)'?", self.erl_call("rabbit_nodes", "all_running"))
+        return re.findall(r"'?([\w.-]+@[\w.-]+)'?", self.erl_call("rabbit_nodes", "all_running", timeout=timeout))
 
     def status(self) -> dict:
         info = super().status()
@@ -504,7 +504,7 @@ class RabbitMQService(Service):
             info["management"] = self.management_url
         if self.alive() and self.state == Status.RUNNING and len(self.members) > 1:
             with contextlib.suppress(Exception):
-                info["cluster"] = self.running_nodes()
+                info["cluster"] = self.running_nodes(timeout=2.0)
         return info
 
 
