@@ -9,7 +9,7 @@ NB_CELL_TIMEOUT ?= 240
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test quick setup system venv lint bench doctor clean help
+.PHONY: lab test quick setup system browser venv lint bench doctor clean help
 
 help:
 	@echo "make lab    - set everything up and open JupyterLab on notebooks/"
@@ -25,19 +25,23 @@ setup: venv system
 system:
 	@VENV=$(VENV) bash scripts/system-deps.sh
 
+# the browser test's Chromium (make test only; a learner's `make lab` does not need it)
+browser:
+	@VENV=$(VENV) WITH_BROWSER=1 bash scripts/system-deps.sh
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
 lab: setup
 	$(PY) -m labkit.cli doctor --quiet
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_FLAGS)
 
-test: setup
+test: setup browser
 	$(PY) -m labkit.cli doctor --quiet
 	$(VENV)/bin/ruff check labkit tests bench
 	$(PY) -m pytest tests -v --durations=15 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
@@ -51,6 +55,7 @@ lint: venv
 
 bench: setup
 	$(PY) bench/cluster_start.py
+	$(PY) bench/define_task.py
 
 doctor: venv
 	$(PY) -m labkit.cli doctor

@@ -1,34 +1,73 @@
-"""Cold start of a whole LocalCluster vs one bare ``celery worker`` reaching ping.
+"""Cluster start-up, worker restart and add_worker, next to one bare ``celery worker`` — in one run.
 
-    python bench/cluster_start.py [--runs 5] [--skip-rabbitmq]
+    python bench/cluster_start.py [--runs 7] [--compare] [--skip-rabbitmq]
 
-Prints the median (and range) of N cold starts to all-ready for Redis +
-ZooKeeper + 2 prefork workers, the same for a single ``celery worker`` started
-with default flags (gossip, mingle and heartbeat on) until it answers a
-control ping, and the ratio of the two. Then RabbitMQ: one fresh node from
-spawn to a completed AMQP handshake as the kit starts it, the same node
-started through Debian's stock ``rabbitmq-server`` script (same ports,
-directories and epmd), and a three-node cluster (quorum-queue settings) to
-all-ready. Not run in CI: it prints figures, it does not assert them.
+Prints, with the machine and its load average:
+
+* the median (and range) of N cold starts to all-ready of a whole
+  ``LocalCluster`` (Redis + ZooKeeper + 2 prefork workers) and the time each
+  of its services took to become ready;
+* the same for one bare ``celery worker`` with default flags (gossip, mingle
+  and heartbeat on) until it answers a control ping, and the ratio of the two
+  medians (cluster starts and bare starts alternate, so both see the same load);
+* the medians of ``restart("w1")`` and ``add_worker()`` to ready;
+* RabbitMQ: one fresh node from spawn to a completed AMQP handshake as the
+  kit starts it, the same node through Debian's stock ``rabbitmq-server``
+  script (same ports, directories and epmd), and a three-node cluster
+  (quorum-queue settings) to all-ready (``--skip-rabbitmq`` leaves them out).
+
+``--compare`` repeats the cluster figures with ``LABKIT_PRELOAD=0`` (every
+worker a fresh interpreter, as before the preloaded launcher), interleaved
+with the rest; ``--lessons`` adds cold starts of the biggest lesson clusters
+(03: eleven workers, 09: six). Not run in CI: it prints figures, it does not
+assert them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 
 from labkit import LocalCluster
 from labkit.poll import poll_until
 from labkit.services.rabbitmq import amqp_handshake, find_rabbitmq
 
 
-def cluster_start() -> float:
+@contextlib.contextmanager
+def preload(enabled: bool):
+    """Run the body with the preloaded worker launcher on (the default) or off."""
+    old = os.environ.get("LABKIT_PRELOAD")
+    os.environ["LABKIT_PRELOAD"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LABKIT_PRELOAD", None)
+        else:
+            os.environ["LABKIT_PRELOAD"] = old
+
+
+def cluster_start(ready: dict[str, list[float]]) -> float:
     t0 = time.perf_counter()
     c = LocalCluster(workers=2, zookeeper=1, reuse=False)
+    elapsed = time.perf_counter() - t0
+    for row in c.status():
+        if row["ready_s"] is not None:
+            ready[row["name"]].append(row["ready_s"])
+    c.close()
+    return elapsed
+
+
+def lesson_start(config: dict) -> float:
+    t0 = time.perf_counter()
+    c = LocalCluster(**config, reuse=False)
     elapsed = time.perf_counter() - t0
     c.close()
     return elapsed
@@ -110,31 +149,116 @@ def stock_script_start() -> float:
         holder.close()
 
 
+def restarts_and_adds(runs: int) -> dict[str, list[float]]:
+    """``restart("w1")`` of a live worker, of a killed one, and ``add_worker()``: ``runs`` times each, in turn.
+
+    A live worker's restart is its cold shutdown (Celery's, at SIGQUIT) plus a start; after ``kill("w1")``
+    (SIGKILL, what lessons do before they restart a worker) it is the start alone.
+    """
+    out: dict[str, list[float]] = defaultdict(list)
+    with LocalCluster(workers=2, zookeeper=1, reuse=False) as c:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            c.restart("w1")
+            out["restart"].append(time.perf_counter() - t0)
+            c.kill("w1")
+            t0 = time.perf_counter()
+            c.restart("w1")
+            out["restart_killed"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            worker = c.add_worker()
+            out["add"].append(time.perf_counter() - t0)
+            c.remove_worker(worker.name)
+    return out
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, " \
+           f"Python {platform.python_version()}"
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def summary(name: str, samples: list[float]) -> str:
-    return f"{name:<42} median {statistics.median(samples):5.2f} s  (min {min(samples):.2f}, max {max(samples):.2f}, n={len(samples)})"
+    if not samples:
+        return f"{name:<46} (no samples)"
+    return (f"{name:<46} median {statistics.median(samples):5.2f} s  "
+            f"(min {min(samples):.2f}, max {max(samples):.2f}, n={len(samples)})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--skip-rabbitmq", action="store_true", help="only the Redis/ZooKeeper cluster")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--compare", action="store_true",
+                        help="also measure with LABKIT_PRELOAD=0 (every worker a fresh interpreter)")
+    parser.add_argument("--lessons", action="store_true", help="also start lesson 03's and 09's clusters")
+    parser.add_argument("--skip-rabbitmq", action="store_true", help="leave out the RabbitMQ figures")
     args = parser.parse_args()
-    full = [cluster_start() for _ in range(args.runs)]
+    modes = [True, False] if args.compare else [True]
+    print(f"machine: {machine()}")
+    print(f"load average at start (1, 5, 15 min): {load()}")
+    full: dict[bool, list[float]] = defaultdict(list)
+    ready: dict[bool, dict[str, list[float]]] = {m: defaultdict(list) for m in modes}
+    bare: list[float] = []
+    again: dict[bool, dict[str, list[float]]] = {}
     with LocalCluster(workers=0, zookeeper=0, reuse=False) as broker:
-        bare = [bare_worker_start(broker) for _ in range(args.runs)]
-    print(summary("LocalCluster (redis + zookeeper + 2 workers)", full))
+        for _ in range(args.runs):
+            for mode in modes:
+                with preload(mode):
+                    full[mode].append(cluster_start(ready[mode]))
+            bare.append(bare_worker_start(broker))
+    for mode in modes:
+        with preload(mode):
+            again[mode] = restarts_and_adds(args.runs)
+    lessons: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    if args.lessons:
+        from labkit.lessons import abusive_tasks, queues  # noqa: PLC0415
+
+        configs = {"03 queues (11 workers)": queues.CLUSTER, "09 abusive tasks (6 workers)": abusive_tasks.CLUSTER}
+        for _ in range(args.runs):
+            for name, config in configs.items():
+                for mode in modes:
+                    with preload(mode):
+                        lessons[(name, mode)].append(lesson_start(config))
+    print(f"load average at end   (1, 5, 15 min): {load()}")
+    print()
+    for mode in modes:
+        label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
+        print(summary(f"LocalCluster (redis + zookeeper + 2 workers){label}", full[mode]))
+        for name in sorted(ready[mode]):
+            print(summary(f"  of which {name} ready after", ready[mode][name]))
     print(summary("one bare `celery worker` (default flags)", bare))
-    print(f"ratio cluster / bare worker: {statistics.median(full) / statistics.median(bare):.2f}")
+    for mode in modes:
+        label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
+        print(f"ratio cluster / bare worker{label}: {statistics.median(full[mode]) / statistics.median(bare):.2f}")
+    for mode in modes:
+        label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
+        print(summary(f'restart("w1") to ready{label}', again[mode]["restart"]))
+        print(summary(f'kill("w1"), then restart("w1") to ready{label}', again[mode]["restart_killed"]))
+        print(summary(f"add_worker() to ready{label}", again[mode]["add"]))
+    for (name, mode), samples in lessons.items():
+        label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
+        print(summary(f"lesson {name}{label}", samples))
     if args.skip_rabbitmq:
         return
-    kit = [rabbit_node_start() for _ in range(args.runs)]
-    stock = [stock_script_start() for _ in range(args.runs)]
-    three = [rabbit_cluster_start() for _ in range(args.runs)]
+    kit, stock, three = [], [], []
+    for _ in range(args.runs):  # interleaved, so the three see the same load
+        kit.append(rabbit_node_start())
+        stock.append(stock_script_start())
+        three.append(rabbit_cluster_start())
     print(summary("RabbitMQ node, kit start (AMQP handshake)", kit))
     print(summary("RabbitMQ node, stock rabbitmq-server script", stock))
     print(f"ratio kit / stock script: {statistics.median(kit) / statistics.median(stock):.2f}")
     print(summary("three-node RabbitMQ cluster, all ready", three))
-    print(f"(load average when done: {os.getloadavg()[0]:.2f})")
+    print(f"load average after RabbitMQ (1, 5, 15 min): {load()}")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,10 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext labkit``: adds the ``%%task`` cell magic (:mod:`labkit.magics`)."""
+    from .magics import load_ipython_extension as load  # noqa: PLC0415
+
+    load(ipython)

@@ -35,6 +35,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "broker_connection_timeout": 2,
     "worker_redirect_stdouts_level": "INFO",
     "worker_log_color": False,
+    # lets cluster.define() renew prefork children so they run newly defined code (labkit.define)
+    "worker_pool_restarts": True,
     "task_track_started": True,
     "result_extended": True,
     "broker_transport_options": {"socket_connect_timeout": 2},

@@ -6,6 +6,9 @@
   one JSON object (``redis_url``, ``zk_hosts``, ...) for scripts.
 * ``labkit status`` — clusters running on this machine (from their state files).
 * ``labkit down`` — stop them all (or one, by id).
+* ``labkit preflight`` — for instructors: doctor, then every lesson notebook
+  (``--lessons 01,12``; ``--quick`` at their defaults), an HTML report and
+  an exit status (:mod:`labkit.preflight`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 
 CHECKS = ("python", "redis-server", "java", "zookeeper", "libfaketime", "rabbitmq", "packages")
+#: found or not, these do not fail `labkit doctor`: only `make test`'s browser test needs them
+FOR_TESTS = ("chromium", "playwright")
 
 
 def _doctor_rows() -> list[tuple[str, bool, str, str]]:
@@ -73,15 +78,30 @@ def _doctor_rows() -> list[tuple[str, bool, str, str]]:
             missing.append(pkg)
     rows.append(("packages", not missing, ", ".join(versions) + (f"; missing {missing}" if missing else ""),
                  "pip install -e '.[dev]' (make setup does it)"))
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    found = browser or "not found"
+    if browser:
+        with contextlib.suppress(Exception):
+            import subprocess  # noqa: PLC0415
+
+            found = subprocess.run([browser, "--version"], capture_output=True, text=True,
+                                   timeout=20).stdout.strip() + f" at {browser}"
+    rows.append(("chromium", bool(browser), found,
+                 "sudo apt-get install chromium (make test installs it; only the browser test needs it)"))
+    try:
+        rows.append(("playwright", True, f"playwright {importlib.metadata.version('playwright')} "
+                     "(drives the system chromium)", ""))
+    except importlib.metadata.PackageNotFoundError:
+        rows.append(("playwright", False, "not installed", "pip install -e '.[dev]' (make setup does it)"))
     return rows
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     rows = _doctor_rows()
-    bad = [r for r in rows if not r[1]]
+    bad = [r for r in rows if not r[1] and r[0] not in FOR_TESTS]
     if not args.quiet or bad:
         for what, ok, found, remedy in rows:
-            mark = "ok " if ok else "MISSING"
+            mark = "ok " if ok else ("absent" if what in FOR_TESTS else "MISSING")
             print(f"{mark:8} {what:13} {found}")
             if not ok:
                 print(f"{'':8} {'':13} remedy: {remedy}")
@@ -233,6 +253,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return data_main(args.rest)
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from .preflight import main as preflight_main  # noqa: PLC0415
+
+    return preflight_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("data", help="generate lesson data (labkit data vehicle-sales --size 200MB --out F)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_data)
+    p = sub.add_parser("preflight", help="run every lesson notebook and write an HTML report (instructors)")
+    p.add_argument("--lessons", default="", help="comma-separated lesson numbers or names (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="run each notebook at its defaults (small) instead of its lesson's WORKSHOP values")
+    p.add_argument("--report", default="labkit-preflight.html", help="the HTML report to write")
+    p.add_argument("--json", action="store_true", help="print the report's data as JSON on stdout")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
+    p.add_argument("--timeout", type=int, default=240, help="seconds one cell may run")
+    p.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"),
+                   help="the directory holding the lesson notebooks")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_preflight)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kazoo.client import KazooClient
 
     from .dashboard import Dashboard
+    from .define import Defined
 
 
 def short_name(hostname: str) -> str:
@@ -119,6 +120,18 @@ class ClusterClient:
             client.start(timeout=15)
             self._kernel_zk = client
         return client
+
+    def define(self, source: str, module: str | None = None, *, line_offset: int = 0,
+               timeout: float = 10.0) -> Defined:
+        """Load a module's source into this kernel and every worker, now and later; returns its tasks.
+
+        The module is named ``cell_<first function>`` unless ``module`` is
+        given; defining it again replaces its tasks everywhere. See
+        :mod:`labkit.define` for how it travels and what errors say.
+        """
+        from .define import define_on  # noqa: PLC0415
+
+        return define_on(self, source, module, line_offset=line_offset, timeout=timeout)
 
     def _worker_hostnames(self) -> list[str] | None:
         """Hostnames of the workers this cluster expects, or None when it cannot know."""

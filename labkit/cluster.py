@@ -59,6 +59,7 @@ from .poll import poll_until
 from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
 from .services.beat import BeatService
 from .services.flower import FlowerService
+from .services.launcher import LauncherService, preload_enabled
 from .services.rabbitmq import (
     QueueDepths,
     RabbitMQGroup,
@@ -76,7 +77,7 @@ from .status import Status
 
 __all__ = ["AttachedCluster", "LocalCluster", "attach", "run_root"]
 
-_RESERVED = ("redis", "zk", "guard", "replica", "epmd", "rabbit")
+_RESERVED = ("redis", "zk", "guard", "replica", "launcher", "epmd", "rabbit")
 _RESERVED_PREFIXES = ("zk", "sentinel", "rabbit")
 REDIS_MODES = ("single", "sentinel")
 BROKERS = ("redis", "rabbitmq")
@@ -218,6 +219,12 @@ class LocalCluster(ClusterClient):
         )
         for zk in self.zookeepers:
             zk.on_spawn = self._record
+        # workers are forked from one preloaded interpreter (see services/launcher.py), started on demand
+        self.launcher: LauncherService | None = (
+            LauncherService(name="launcher", run_dir=self.run_dir, cluster_id=self.id, include=self.include,
+                            start_timeout=start_timeout, on_spawn=self._record)
+            if preload_enabled() else None
+        )
         self.workers: dict[str, WorkerService] = {}
         self.beats: dict[str, BeatService] = {}
         self.flowers: dict[str, FlowerService] = {}
@@ -340,7 +347,8 @@ class LocalCluster(ClusterClient):
                 env["broker_url"] = amqp_url(relay.port)
             else:
                 env["redis_url"] = relay.url
-        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one, **env)
+        worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one,
+                               launcher=self.launcher, **env)
         self.workers[spec.name] = worker
         return worker
 
@@ -384,7 +392,9 @@ class LocalCluster(ClusterClient):
     def services(self) -> list[Service]:
         ha = self.sentinel.services if self.sentinel is not None else []
         rabbit = self.rabbitmq.services if self.rabbitmq is not None else []
-        return [self.redis, *ha, *rabbit, *self.zookeepers, *self.relays.values(), *self.workers.values(),
+        launcher = [self.launcher] if self.launcher is not None and self.launcher.proc is not None else []
+        return [self.redis, *ha, *rabbit, *self.zookeepers, *self.relays.values(), *launcher,
+                *self.workers.values(),
                 *self.beats.values(), *self.flowers.values()]
 
     # ------------------------------------------------------------------ life cycle
@@ -437,6 +447,9 @@ class LocalCluster(ClusterClient):
         self._register()
         try:
             self._start_guard()
+            if self.launcher is not None and any(w.fresh_reason(start=False) is None
+                                                 for w in self.workers.values()):
+                self.launcher.spawn()  # first: its imports are the longest part of a worker's start
             self.redis.spawn()
             for zk in self.zookeepers:
                 zk.spawn()
@@ -518,6 +531,8 @@ class LocalCluster(ClusterClient):
                 s.terminate()
             for s in group:
                 s.finish()
+            if self.launcher is not None:  # after the workers: it reports their exits until they are gone
+                self.launcher.stop()
         if self._guard is not None and self._guard.poll() is None:
             self._guard.terminate()
             with contextlib.suppress(Exception):

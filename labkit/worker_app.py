@@ -7,6 +7,11 @@ builds the notebook's own app from the same values. When a worker is ready
 (``worker_ready``) or a beat has loaded its schedule (``beat_init``) it writes
 ``LABKIT_READY_FILE``, so the cluster knows when a control ping is worth
 sending (a worker) or that the scheduler runs (a beat).
+
+Tasks defined at run time (:mod:`labkit.define`) reach a worker two ways: it
+loads every module stored in the cluster's Redis at ``worker_init`` (in its
+main process, before the pool forks, however the process was launched), and
+a running worker answers the ``labkit_define`` remote-control command.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from celery.signals import beat_init, worker_ready
+from celery.signals import beat_init, worker_init, worker_ready
+from celery.worker.control import control_command
 
+from labkit import define
 from labkit.app import broker_url, env_settings, make_app, redis_url
 
 _include = os.environ.get("LABKIT_INCLUDE")
@@ -33,3 +40,14 @@ def _mark_ready(**_kwargs) -> None:
     marker = os.environ.get("LABKIT_READY_FILE")
     if marker:
         Path(marker).write_text(str(os.getpid()))
+
+
+@worker_init.connect
+def _load_defined(**_kwargs) -> None:
+    define.load_all(app)
+
+
+@control_command(args=[("module", str), ("digest", str)], signature="<module> [digest]")
+def labkit_define(state, module: str, digest: str = "", **_kwargs) -> dict:
+    """Load a module defined with cluster.define() from the cluster's Redis; renew the pool."""
+    return define.handle_define(state, module, digest)

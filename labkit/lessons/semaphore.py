@@ -22,22 +22,35 @@ standing in for the client's server (it counts in-flight requests itself):
 
 Attempts and failures are counted in Redis by the tasks (``INCR``), failures
 are stamped with the number of leases ZooKeeper showed in use right after.
+
+Every thread of a worker process shares that process's one kazoo client, so
+one ZooKeeper session: the leases its threads hold are all ephemeral nodes of
+that session (the blocking form records the session id of every holder).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import urllib.request
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
 
-from labkit.app import redis_client, zk_client
+from labkit.app import redis_client, worker_name, zk_client
+from labkit.client import ClusterLike
 from labkit.lessons._probe import ProbeServer
-from labkit.measure import Comparison, Measurement
+from labkit.measure import Comparison, Measurement, claim, verify
+from labkit.poll import poll_until
+from labkit.table import Table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from labkit.cluster import LocalCluster
+
+NOTEBOOK = "12_semaphore.ipynb"
 
 MODES = ("unprotected", "blocking", "nonblocking", "timeout", "queue")
 LABELS = {
@@ -49,6 +62,28 @@ LABELS = {
 }
 QUEUE = "client"  # the dedicated queue; its worker's concurrency is the limit
 LIMITED_WORKER = "limited"
+HOST_THREADS = 12  # callers per "host" worker
+
+
+def cluster_config(leases: int = 3) -> dict[str, Any]:
+    """Two "host" workers (threads pool, 12 callers each) and ``limited``, whose thread count is the limit.
+
+    Threads because the callers are I/O-bound (HTTP and ZooKeeper): 24 truly
+    concurrent callers without 24 processes. ``task_acks_late`` with prefetch
+    multiplier 1: a worker never holds more tasks than it has free threads.
+    """
+    host = {"pool": "threads", "concurrency": HOST_THREADS, "prefetch_multiplier": 1}
+    return {
+        "workers": [{"name": "h1", **host}, {"name": "h2", **host},
+                    {"name": LIMITED_WORKER, "queues": [QUEUE], "pool": "threads", "concurrency": leases,
+                     "prefetch_multiplier": 1}],
+        "zookeeper": 1,
+        "settings": {"task_acks_late": True},
+    }
+
+
+CLUSTER = cluster_config()
+WORKSHOP = {"N": 24, "LEASES": 4, "HOLD": 0.3}
 
 
 # ----------------------------------------------------------------------------- the call
@@ -82,7 +117,14 @@ def blocking(url: str, tag: str, hold: float, path: str, leases: int) -> int:
     """The fix: wait for one of ``leases`` leases, call, give the lease back."""
     semaphore = zk_client().Semaphore(path, identifier=tag, max_leases=leases)
     with semaphore:  # acquire() blocks until a lease is free; release() on exit
+        _note_session(path)
         return call_client(url, tag, hold)
+
+
+def _note_session(path: str) -> None:
+    """Record which worker, thread and ZooKeeper session holds a lease (for the notebook)."""
+    session = zk_client().client_id[0]  # the session that owns this process's ephemeral nodes
+    redis_client().rpush(f"sessions:{path}", f"{worker_name()}|{threading.current_thread().name}|{session:#x}")
 
 
 @shared_task(bind=True, name="semaphore.nonblocking", max_retries=None)
@@ -142,7 +184,7 @@ def first_try_task(run: str, path: str, leases: int, form: str, wait: float) -> 
 
 
 # ----------------------------------------------------------------------------- experiments
-def ensure_limited_worker(cluster: Any, concurrency: int) -> None:
+def ensure_limited_worker(cluster: LocalCluster, concurrency: int = 3) -> None:
     """Make the dedicated queue's total concurrency equal ``concurrency`` (restart if needed)."""
     worker = cluster.workers.get(LIMITED_WORKER)
     if worker is not None and worker.spec.concurrency == concurrency and worker.alive():
@@ -153,7 +195,7 @@ def ensure_limited_worker(cluster: Any, concurrency: int) -> None:
                        prefetch_multiplier=1)
 
 
-def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 0.4,
+def run(cluster: LocalCluster, mode: str = "blocking", *, n: int = 12, leases: int = 3, hold: float = 0.4,
         wait: float = 1.0, retry_delay: float = 0.25, jitter: bool = False,
         label: str | None = None, deadline: float = 60.0) -> Measurement:
     """Send ``n`` tasks that each make one ``hold``-second call, limited by ``mode``.
@@ -161,13 +203,22 @@ def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 
     Returns the peak in-flight requests seen by the server, with the in-flight
     timeline, and in ``meta``: attempts, failed attempts, failures while
     leases were free, first-try successes, makespan and completed calls.
+    Mode ``"queue"`` (re)starts the ``limited`` worker if its thread count is
+    not ``leases``.
     """
+    if mode == "queue":
+        ensure_limited_worker(cluster, leases)
+    return _run(cluster, mode, n=n, leases=leases, hold=hold, wait=wait, retry_delay=retry_delay,
+                jitter=jitter, label=label, deadline=deadline)
+
+
+def _run(cluster: ClusterLike, mode: str, *, n: int, leases: int, hold: float, wait: float = 1.0,
+         retry_delay: float = 0.25, jitter: bool = False, label: str | None = None,
+         deadline: float = 60.0) -> Measurement:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     run_id = f"sem:{uuid.uuid4().hex[:8]}"
     path = f"/labkit/semaphore/{run_id[4:]}"
-    if mode == "queue":
-        ensure_limited_worker(cluster, leases)
     r = cluster.redis_client()
     with ProbeServer() as probe:
         t0 = time.time()
@@ -195,8 +246,14 @@ def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 
     failures = [json.loads(x) for x in r.lrange(f"{run_id}:failures", 0, -1)]
     counted = r.get(f"{run_id}:attempts")  # only the retrying forms count; the others try once
     attempts = int(counted) if counted is not None else n
-    r.delete(f"{run_id}:attempts", f"{run_id}:failed", f"{run_id}:failures")
+    holders = [x.decode().split("|") for x in r.lrange(f"sessions:{path}", 0, -1)]
+    r.delete(f"{run_id}:attempts", f"{run_id}:failed", f"{run_id}:failures", f"sessions:{path}")
     r.close()
+    sessions: dict[str, dict[str, Any]] = {}
+    for worker, thread, session in holders:
+        entry = sessions.setdefault(worker, {"threads": set(), "sessions": set()})
+        entry["threads"].add(thread)
+        entry["sessions"].add(session)
     first_try_failed = {f["tag"] for f in failures if f["attempt"] == 0}
     meta = {
         "mode": mode, "n": n, "leases": leases, "hold": hold,
@@ -207,12 +264,14 @@ def run(cluster: Any, mode: str, *, n: int = 12, leases: int = 3, hold: float = 
         "first_try_ok": n - len(first_try_failed),
         "failure_times": [f["t"] - t0 for f in failures],
         "makespan": max(c.end for c in calls) - t0,
+        "sessions": {w: {"threads": len(e["threads"]), "sessions": sorted(e["sessions"])}
+                     for w, e in sorted(sessions.items())},
     }
     return Measurement(label or LABELS[mode].format(leases=leases), "peak in-flight requests", "requests", [peak],
                        stat="max", timeline=timeline, meta=meta)
 
 
-def first_try(cluster: Any, form: str = "nonblocking", *, n: int = 12, leases: int = 3,
+def first_try(cluster: ClusterLike, form: str = "nonblocking", *, n: int = 12, leases: int = 3,
               wait: float = 0.5, trials: int = 7, label: str | None = None) -> Measurement:
     """``n`` callers try for one of ``leases`` free leases at the same instant; how many get one?
 
@@ -226,56 +285,98 @@ def first_try(cluster: Any, form: str = "nonblocking", *, n: int = 12, leases: i
         run_id = f"sem1:{uuid.uuid4().hex[:8]}"
         path = f"/labkit/semaphore/{run_id[5:]}"
         results = [cluster.task(first_try_task).delay(run_id, path, leases, form, wait) for _ in range(n)]
-        deadline = time.time() + 30
-        while int(r.get(f"{run_id}:ready") or 0) < n:
-            if time.time() > deadline:
-                raise TimeoutError(f"only {r.get(f'{run_id}:ready')} of {n} callers started")
-            time.sleep(0.01)
+        poll_until(lambda: int(r.get(f"{run_id}:ready") or 0) >= n, 30, 0.01,  # noqa: B023
+                   what=f"{n} callers to be ready for the starting gun")
         time.sleep(0.05)  # the last one to say "ready" is now blocked on the gun
         r.rpush(f"{run_id}:go", *[1] * n)
-        while r.llen(f"{run_id}:tried") < n:
-            if time.time() > deadline:
-                raise TimeoutError("callers did not finish trying")
-            time.sleep(0.01)
+        poll_until(lambda: r.llen(f"{run_id}:tried") >= n, 30, 0.01,  # noqa: B023
+                   what=f"{n} callers to try for a lease")
         r.rpush(f"{run_id}:done", *[1] * n)
         granted.append(sum(bool(res.get(timeout=30)) for res in results))
         r.delete(f"{run_id}:ready", f"{run_id}:go", f"{run_id}:tried", f"{run_id}:done")
     r.close()
     default = {"nonblocking": "talk: acquire(blocking=False)", "timeout": f"fix: acquire(timeout={wait})"}
     return Measurement(label or default[form], "leases granted on the first try", "leases", granted,
-                       stat="median", meta={"form": form, "n": n, "leases": leases})
+                       stat="median", meta={"form": form, "n": n, "leases": leases, "trials": trials})
 
 
-def before(cluster: Any, **params: Any) -> Measurement:
+def before(cluster: ClusterLike, *, n: int = 12, leases: int = 3, hold: float = 0.4) -> Measurement:
     """The pitfall: ``n`` tasks call the client's server with no limit."""
-    return run(cluster, "unprotected", **params)
+    return _run(cluster, "unprotected", n=n, leases=leases, hold=hold)
 
 
-def after(cluster: Any, **params: Any) -> Measurement:
+def after(cluster: ClusterLike, *, n: int = 12, leases: int = 3, hold: float = 0.4) -> Measurement:
     """The fix: each call inside ``with Semaphore(max_leases=leases)``."""
-    return run(cluster, "blocking", **params)
+    return _run(cluster, "blocking", n=n, leases=leases, hold=hold)
 
 
-def compare(cluster: Any, **params: Any) -> Comparison:
+def compare(cluster: ClusterLike, *, n: int = 12, leases: int = 3, hold: float = 0.4) -> Comparison:
     """Peak in-flight requests, unprotected vs behind the semaphore."""
-    return Comparison(before(cluster, **params), after(cluster, **params), better="lower",
-                      title="peak in-flight requests at the client's server")
+    return Comparison(before(cluster, n=n, leases=leases, hold=hold), after(cluster, n=n, leases=leases, hold=hold),
+                      better="lower", title="peak in-flight requests at the client's server")
 
 
-def retry_forms(cluster: Any, **params: Any) -> dict[str, Measurement]:
+def retry_forms(cluster: LocalCluster, *, n: int = 12, leases: int = 3, hold: float = 0.4, wait: float = 1.0,
+                retry_delay: float = 0.25) -> dict[str, Measurement]:
     """The talk's non-blocking acquire + retry next to the two better forms."""
-    return {mode: run(cluster, mode, **params) for mode in ("nonblocking", "timeout", "queue")}
+    return {mode: run(cluster, mode, n=n, leases=leases, hold=hold, wait=wait, retry_delay=retry_delay)
+            for mode in ("nonblocking", "timeout", "queue")}
 
 
-def table(measurements: list[Measurement]) -> str:
-    """A plain-text table of what each run cost."""
-    head = f"{'run':<34}{'peak':>5}{'done':>6}{'attempts':>9}{'failed':>7}{'failed w/ free lease':>21}{'makespan s':>11}"
-    rows = [head, "-" * len(head)]
-    for m in measurements:
-        x = m.meta
-        rows.append(f"{m.label:<34}{int(m.value):>5}{x['completed']:>6}{x['attempts']:>9}{x['failed']:>7}"
-                    f"{x['failed_while_free']:>21}{x['makespan']:>11.2f}")
-    return "\n".join(rows)
+# ----------------------------------------------------------------------------- claims
+@claim("behind Semaphore(max_leases) the client never sees more than its limit; unprotected, twice or more")
+def semaphore_caps_the_client(comparison: Comparison) -> None:
+    """Before: peak >= 2 x leases (needs n >= 2 x leases); after: peak <= leases, every call done."""
+    b, a = comparison.before, comparison.after
+    leases, n = a.meta["leases"], a.meta["n"]
+    verify(f"unprotected, the client sees at least twice its limit of {leases}",
+           n >= 2 * leases and b.value >= 2 * leases, peak=b.value, limit=leases, n=n)
+    verify(f"behind the semaphore the client never sees more than {leases}, and all {n} calls complete",
+           a.value <= leases and a.meta["completed"] == n, peak=a.value, completed=a.meta["completed"])
+
+
+@claim("acquire(blocking=False) grants fewer leases than are free when callers arrive together")
+def nonblocking_leaves_free_leases(talk: Measurement, fixed: Measurement) -> None:
+    """Median over trials: the talk's form grants < leases; acquire(timeout=...) grants all of them."""
+    leases, n = talk.meta["leases"], talk.meta["n"]
+    verify("more callers than leases", n > leases, n=n, leases=leases)
+    verify("the talk's non-blocking acquire leaves leases unused although callers wanted them",
+           talk.value < leases, granted_median=talk.value, trials=talk.values, leases=leases)
+    verify("acquire with a timeout grants every free lease", fixed.value == leases,
+           granted_median=fixed.value, trials=fixed.values, leases=leases)
+
+
+@claim("every limited form keeps the client at or below the limit and completes every call")
+def limited_forms_hold_the_limit(forms: dict[str, Measurement]) -> None:
+    for m in forms.values():
+        leases, n = m.meta["leases"], m.meta["n"]
+        verify(f"{m.label}: never more than {leases} in flight, all {n} calls done",
+               m.value <= leases and m.meta["completed"] == n, peak=m.value, completed=m.meta["completed"])
+
+
+@claim("a timeout plus a jittered retry wastes fewer attempts than the talk's non-blocking acquire + retry")
+def timeout_wastes_fewer_attempts(talk: Measurement, fixed: Measurement) -> None:
+    n, leases = talk.meta["n"], talk.meta["leases"]
+    verify("the talk's form fails at least once per caller that found no lease at first",
+           talk.meta["failed"] >= n - leases, failed=talk.meta["failed"], n=n, leases=leases)
+    verify("the timeout form fails fewer acquires", fixed.meta["failed"] < talk.meta["failed"],
+           timeout_failed=fixed.meta["failed"], talk_failed=talk.meta["failed"])
+
+
+def table(measurements: list[Measurement]) -> Table:
+    """What each run cost: peak, calls done, attempts, failures (with a free lease), makespan."""
+    return Table(
+        ["run", "peak", "done", "attempts", "failed", "failed w/ free lease", "makespan s"],
+        [[m.label, m.value, m.meta["completed"], m.meta["attempts"], m.meta["failed"],
+          m.meta["failed_while_free"], round(m.meta["makespan"], 2)] for m in measurements],
+    )
+
+
+def sessions_table(m: Measurement) -> Table:
+    """Which ZooKeeper session held the leases of each worker's threads (from a blocking run)."""
+    return Table(["worker", "threads that held a lease", "ZooKeeper sessions"],
+                 [[w, e["threads"], ", ".join(e["sessions"])] for w, e in m.meta["sessions"].items()],
+                 title=f"{m.label}: lease holders by worker")
 
 
 # ----------------------------------------------------------------------------- plots

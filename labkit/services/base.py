@@ -19,7 +19,11 @@ ZooKeeper JVM, a ``celery worker``) and makes three promises:
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not
 the process. Children are therefore always forked from one long-lived
-spawner thread (:func:`spawn`), never from short-lived helper threads.
+spawner thread (:func:`spawn`), never from short-lived helper threads. The
+exception is a worker the cluster's launcher forks (:meth:`Service.launch`
+is where a subclass starts its process otherwise): its parent is the
+single-threaded launcher, whose own parent-death signal points here
+(:mod:`labkit.services.launcher`).
 """
 
 from __future__ import annotations
@@ -177,8 +181,9 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     pdeathsig: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen:
-    """Start ``command`` in a new session, output appended to ``log``."""
+    """Start ``command`` in a new session, output appended to ``log`` (``pass_fds`` stay open in it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
 
     def _start() -> subprocess.Popen:
@@ -193,6 +198,7 @@ def spawn(
                 start_new_session=True,
                 preexec_fn=_preexec_pdeathsig if pdeathsig else None,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
 
     return _spawner.call(_start)
@@ -276,17 +282,26 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def full_environment(self) -> dict[str, str]:
+        """The whole environment the process starts with: ours, its own variables, the cluster mark."""
+        env = dict(os.environ)
+        env.update(self.environment())
+        env[ENV_MARK] = self.cluster_id or "-"
+        return env
+
+    def launch(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """Start the process (fork + exec from the spawner thread); a subclass may start it otherwise."""
+        return spawn(command, log=self.log_path, env=env, cwd=self.run_dir)
+
     def spawn(self) -> None:
         """Fork the process (returns at once; call :meth:`wait_ready` next)."""
         if self.alive():
             return
         self.prepare()
-        env = dict(os.environ)
-        env.update(self.environment())
-        env[ENV_MARK] = self.cluster_id or "-"
+        env = self.full_environment()
         cmd = self.command()
         try:
-            self.proc = spawn(cmd, log=self.log_path, env=env, cwd=self.run_dir)
+            self.proc = self.launch(cmd, env)
         except FileNotFoundError as exc:
             raise ServiceError(
                 self.name, f"cannot execute {cmd[0]!r}: {exc.strerror}", command=cmd,

@@ -30,7 +30,14 @@ MASTER_NAME = "labkit"
 
 @dataclass
 class ReplicaService(RedisService):
-    """A ``redis-server --replicaof`` the primary; ready once its replication link is up."""
+    """A ``redis-server --replicaof`` the primary; ready once the primary streams its writes to it.
+
+    Its own link being up is not enough: after a diskless full sync the
+    primary holds back the write stream until the replica's first
+    acknowledgement arrives, so a write in that window would not reach the
+    replica. Ready means the primary lists this replica as online and has an
+    acknowledgement from it (a non-zero acknowledged offset).
+    """
 
     primary_port: int = 0
 
@@ -42,9 +49,19 @@ class ReplicaService(RedisService):
     def probe(self) -> bool:
         client = self.client(socket_timeout=0.5, socket_connect_timeout=0.2)
         try:
-            return client.info("replication").get("master_link_status") == "up"
+            if client.info("replication").get("master_link_status") != "up":
+                return False
         finally:
             client.close()
+        primary = redis.Redis(host="127.0.0.1", port=self.primary_port, socket_timeout=0.5,
+                              socket_connect_timeout=0.2)
+        try:
+            info = primary.info("replication")
+        finally:
+            primary.close()
+        replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return any(int(r.get("port", 0)) == self.port and r.get("state") == "online" and int(r.get("offset", 0)) > 0
+                   for r in replicas)
 
 
 @dataclass
@@ -114,16 +131,25 @@ class SentinelService(Service):
             client.close()
 
     def primary(self) -> tuple[str, int] | None:
-        """The primary's address as this sentinel sees it now."""
+        """The primary this sentinel would hand a client now; None while it considers it down.
+
+        ``GET-MASTER-ADDR-BY-NAME`` already names the promoted replica in the
+        middle of a failover, while ``SENTINEL MASTER`` (what redis-py's and
+        kombu's clients ask) still shows the old primary as down: a client
+        told "the primary moved" at that moment finds no primary at all.
+        """
         client = self.client()
         try:
-            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+            master = client.execute_command("SENTINEL", "MASTER", self.master_name)
         finally:
             client.close()
-        if not addr:
+        info = dict(zip(master[::2], master[1::2], strict=False)) if isinstance(master, list) else master
+        info = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in info.items()}
+        flags = set(str(info.get("flags", "")).split(","))
+        if "master" not in flags or flags & {"s_down", "o_down"}:
             return None
-        host, port = (a.decode() if isinstance(a, bytes) else a for a in addr)
-        return host, int(port)
+        return str(info["ip"]), int(info["port"])
 
 
 @dataclass
@@ -149,21 +175,30 @@ class SentinelGroup:
         return {"broker_transport_options": options, "result_backend_transport_options": options}
 
     def primary(self) -> tuple[str, int] | None:
-        """The primary's address according to the first sentinel that answers."""
+        """The primary a client would be given now (by the first sentinel that has one); None mid-failover."""
         for s in self.sentinels:
             if s.alive():
                 try:
-                    return s.primary()
+                    found = s.primary()
                 except redis.RedisError:
                     continue
+                if found is not None:
+                    return found
         return None
 
 
 def sentinel_group(primary: RedisService, run_dir, cluster_id: str, *, sentinels: int = 3, quorum: int = 2,
                    down_after_ms: int = 1000) -> SentinelGroup:
-    """A replica of ``primary`` and ``sentinels`` sentinels watching it (ports chosen now)."""
+    """A replica of ``primary`` and ``sentinels`` sentinels watching it (ports chosen now).
+
+    Both servers start a full sync at once (Redis waits 5 s by default for more
+    replicas to share one diskless transfer; there is only one), whichever of
+    them is the primary after a failover.
+    """
+    no_wait = ["--repl-diskless-sync-delay", "0"]
+    primary.extra_args = [*primary.extra_args, *no_wait]
     replica = ReplicaService(name="replica", run_dir=run_dir, cluster_id=cluster_id,
-                             port=primary.claim_port(0), primary_port=primary.port)
+                             port=primary.claim_port(0), primary_port=primary.port, extra_args=list(no_wait))
     group = SentinelGroup(replica)
     for i in range(1, sentinels + 1):
         group.sentinels.append(SentinelService(

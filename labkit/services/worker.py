@@ -10,6 +10,13 @@ Gossip, mingle and heartbeats are off: they cost about a second at start-up
 and no lesson needs workers to discover each other. A worker that a monitor
 must be able to declare dead asks for heartbeats (``heartbeat=2``: a
 ``worker-heartbeat`` event every 2 s; lesson 05).
+
+Given the cluster's :class:`~labkit.services.launcher.LauncherService`, a
+worker is forked from that preloaded interpreter instead of exec'ing a fresh
+one; the same command line runs either way. A worker with a ``clock_offset``
+(libfaketime needs ``LD_PRELOAD``), an environment that changes a variable
+read at interpreter start-up or at import, or a narrower include list starts
+as a fresh interpreter: :attr:`WorkerService.started_as` says which, and why.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import psutil
 
 from ..faketime import skew_environment
 from .base import Service, ServiceError
+from .launcher import LauncherService
 
 POOLS = ("prefork", "solo", "threads")
 
@@ -142,6 +150,9 @@ class WorkerService(CeleryService):
 
     spec: WorkerSpec = field(default_factory=WorkerSpec)
     ping: Callable[[str, float], bool] | None = field(default=None, repr=False)
+    launcher: LauncherService | None = field(default=None, repr=False)
+    #: "fork" (from the launcher) or "exec: <why a fresh interpreter>"; "" before the first start
+    started_as: str = field(default="", init=False)
 
     kind = "worker"
     stop_signal = signal.SIGQUIT  # cold shutdown: do not wait for running tasks at close
@@ -149,6 +160,27 @@ class WorkerService(CeleryService):
     def __post_init__(self) -> None:
         self.clock_offset = self.spec.clock_offset
         self.env = {**self.env, **self.spec.env}
+
+    def fresh_reason(self, env: dict[str, str] | None = None, *, start: bool = True) -> str | None:
+        """Why this worker starts as a fresh interpreter (None: it is forked from the launcher).
+
+        ``env`` defaults to the environment it would start with; ``start=False``
+        answers without starting the launcher, from what is known before it
+        has preloaded.
+        """
+        if self.launcher is None:
+            return "the cluster has no launcher (LABKIT_PRELOAD=0)"
+        return self.launcher.reason(self.full_environment() if env is None else env,
+                                    clock_offset=self.clock_offset, timeout=self.start_timeout, start=start)
+
+    def launch(self, command: list[str], env: dict[str, str]):
+        reason = self.fresh_reason(env)
+        if reason is not None:
+            self.started_as = f"exec: {reason}"
+            return super().launch(command, env)
+        self.started_as = "fork"
+        return self.launcher.fork(command, env, cwd=self.run_dir, log=self.log_path, name=self.name,
+                                  timeout=self.start_timeout)
 
     @property
     def hostname(self) -> str:
@@ -210,7 +242,15 @@ class WorkerService(CeleryService):
         return self.ping is not None and self.ping(self.hostname, 1.0)
 
     def remedy(self) -> str:
-        return "read the worker log above; `labkit doctor` checks the Python environment"
+        text = "read the worker log above; `labkit doctor` checks the Python environment"
+        if self.started_as == "fork":
+            text += " (it was forked from the cluster's launcher: LABKIT_PRELOAD=0 starts it as a fresh interpreter)"
+        return text
+
+    def status(self) -> dict:
+        info = super().status()
+        info["started_as"] = self.started_as.split(":", 1)[0]
+        return info
 
     # -- pool children ---------------------------------------------------------------
     def children(self) -> list[int]:

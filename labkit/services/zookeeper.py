@@ -23,6 +23,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from ..status import Status
+from . import class_archive
 from .base import Service, ServiceError, free_port
 
 REMEDY = (
@@ -116,6 +117,8 @@ class ZooKeeperService(Service):
     heap_mb: int = 128
     java: str | None = None
     classpath: str | None = None
+    jvm_cds: list[str] = field(default_factory=list, init=False, repr=False)  # class-data sharing flags
+    _cds_building: object = field(default=None, init=False, repr=False)  # the archive this run writes at exit
 
     kind = "zookeeper"
 
@@ -145,6 +148,7 @@ class ZooKeeperService(Service):
         if not self.classpath:
             raise ServiceError(self.name, "no ZooKeeper jar found", remedy=REMEDY)
         self.port = self.claim_port(self.port)
+        self.jvm_cds, self._cds_building = class_archive.jvm_flags(self.java, self.classpath)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"tickTime={TICK_MS}",
@@ -175,8 +179,11 @@ class ZooKeeperService(Service):
         return [
             self.java or "java",
             f"-Xmx{self.heap_mb}m",
+            # start-up CPU of a tiny server (bench/zookeeper_jvm.py measures each flag): one GC thread,
+            # the C1 compiler only, classes mapped from an AppCDS archive (services/class_archive.py)
             "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1",
+            *self.jvm_cds,
             "-Dzookeeper.admin.enableServer=false",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
             "-Dorg.slf4j.simpleLogger.showDateTime=true",
@@ -184,6 +191,12 @@ class ZooKeeperService(Service):
             main,
             str(self.config_path),
         ]
+
+    def finish(self, timeout: float | None = None) -> None:
+        super().finish(timeout)
+        if self._cds_building is not None and self.proc is not None:  # this run wrote the archive at exit
+            class_archive.adopt(self._cds_building, self.proc.returncode)
+            self._cds_building = None
 
     def mode(self) -> str | None:
         return zk_mode(self.port)

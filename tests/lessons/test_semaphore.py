@@ -1,38 +1,40 @@
-"""Lesson 12's claims, asserted through the API on a real cluster.
+"""Lesson 12's claims on a real cluster, each with a negative control on the "before".
 
 Two "host" workers with 12 threads each run the callers; ``limited`` (3
 threads) serves the dedicated queue. Counts come from the probe server
-(in-flight requests) and from Redis (failed acquires), never from logs.
+(in-flight requests) and from Redis (failed acquires), never from logs. One
+run of every experiment per module (``runs``); the tests only judge it.
 """
 
 from __future__ import annotations
+
+import threading
+import urllib.request
 
 import pytest
 
 from labkit import LocalCluster
 from labkit.lessons import semaphore
 from labkit.lessons._probe import ProbeServer
+from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster  # every test here starts real processes
 
 N, LEASES = 12, 3
-HOST = {"pool": "threads", "concurrency": 12, "prefetch_multiplier": 1}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    workers = [{"name": "h1", **HOST}, {"name": "h2", **HOST},
-               {"name": "limited", "queues": ["client"], "pool": "threads",
-                "concurrency": LEASES, "prefetch_multiplier": 1}]
-    with LocalCluster(workers=workers, zookeeper=1, settings={"task_acks_late": True},
-                      reuse=False) as c:
-        yield c
+def runs():
+    with LocalCluster(**semaphore.cluster_config(leases=LEASES), reuse=False) as c:
+        yield {
+            "limit": semaphore.compare(c, n=N, leases=LEASES, hold=0.4),
+            "first_nb": semaphore.first_try(c, "nonblocking", n=N, leases=LEASES),
+            "first_to": semaphore.first_try(c, "timeout", n=N, leases=LEASES, wait=0.5, trials=2),
+            "forms": semaphore.retry_forms(c, n=N, leases=LEASES, hold=0.4, wait=1.0),
+        }
 
 
 def test_probe_server_counts_in_flight_and_stops():
-    import threading
-    import urllib.request
-
     with ProbeServer() as probe:
         url = probe.url
         threads = [threading.Thread(target=urllib.request.urlopen, args=(f"{url}/call?hold=0.3",))
@@ -47,27 +49,55 @@ def test_probe_server_counts_in_flight_and_stops():
         urllib.request.urlopen(f"{url}/call", timeout=2)
 
 
-def test_semaphore_caps_the_client_at_the_limit(cluster):
-    comparison = semaphore.compare(cluster, n=N, leases=LEASES, hold=0.4)
-    assert comparison.before.value >= 2 * LEASES, comparison
-    assert comparison.after.value <= LEASES, comparison
-    assert comparison.after.meta["completed"] == N
-    comparison.check(factor=2, after_at_most=LEASES)
+def test_semaphore_caps_the_client_at_the_limit(runs):
+    semaphore.semaphore_caps_the_client(runs["limit"])
 
 
-def test_nonblocking_acquire_leaves_free_leases_unused(cluster):
-    nonblocking = semaphore.first_try(cluster, "nonblocking", n=N, leases=LEASES)
-    timeout = semaphore.first_try(cluster, "timeout", n=N, leases=LEASES, wait=0.5, trials=2)
-    assert nonblocking.value < LEASES, nonblocking.values
-    assert timeout.value == LEASES, timeout.values
+def test_semaphore_claim_fails_without_the_fix_cap(runs):
+    before = runs["limit"].before
+    with pytest.raises(AssertionError, match="never sees more than"):
+        semaphore.semaphore_caps_the_client(Comparison(before, before))
 
 
-def test_timeout_wastes_fewer_attempts_than_nonblocking_retry(cluster):
-    forms = semaphore.retry_forms(cluster, n=N, leases=LEASES, hold=0.4, wait=1.0)
-    talk, timeout, queue = forms["nonblocking"], forms["timeout"], forms["queue"]
-    for m in forms.values():
-        assert m.value <= LEASES, m
-        assert m.meta["completed"] == N, m.meta
-    assert timeout.meta["failed"] < talk.meta["failed"], (timeout.meta, talk.meta)
-    assert talk.meta["failed"] >= N - LEASES  # at most LEASES can win the first round
-    assert queue.meta["failed"] == 0
+def test_threads_of_one_worker_share_one_session(runs):
+    sessions = runs["limit"].after.meta["sessions"]
+    assert sessions, "the blocking run recorded its lease holders"
+    for worker, entry in sessions.items():
+        assert len(entry["sessions"]) == 1, (worker, entry)
+    assert max(e["threads"] for e in sessions.values()) > 1, sessions
+
+
+def test_nonblocking_acquire_leaves_free_leases_unused(runs):
+    semaphore.nonblocking_leaves_free_leases(runs["first_nb"], runs["first_to"])
+
+
+def test_semaphore_claim_fails_without_the_fix_first_try(runs):
+    with pytest.raises(AssertionError, match="grants every free lease"):
+        semaphore.nonblocking_leaves_free_leases(runs["first_nb"], runs["first_nb"])
+
+
+def test_every_limited_form_holds_the_limit(runs):
+    semaphore.limited_forms_hold_the_limit(runs["forms"])
+    assert runs["forms"]["queue"].meta["failed"] == 0
+
+
+def test_semaphore_claim_fails_without_the_fix_limited_forms(runs):
+    with pytest.raises(AssertionError, match="never more than"):
+        semaphore.limited_forms_hold_the_limit({"unprotected": runs["limit"].before})
+
+
+def test_timeout_wastes_fewer_attempts_than_nonblocking_retry(runs):
+    semaphore.timeout_wastes_fewer_attempts(runs["forms"]["nonblocking"], runs["forms"]["timeout"])
+
+
+def test_semaphore_claim_fails_without_the_fix_wasted_attempts(runs):
+    talk = runs["forms"]["nonblocking"]
+    with pytest.raises(AssertionError, match="fails fewer acquires"):
+        semaphore.timeout_wastes_fewer_attempts(talk, talk)
+
+
+def test_table_renders_every_run(runs):
+    forms = list(runs["forms"].values())
+    text = str(semaphore.table(forms))
+    assert all(m.label in text for m in forms)
+    assert "<table>" in semaphore.table(forms)._repr_html_()
