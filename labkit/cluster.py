@@ -56,7 +56,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .app import lesson_modules, make_app, merge_settings
 from .client import AttachedCluster, ClusterClient, attach
 from .poll import poll_until
-from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
+from .services.base import (
+    Service,
+    ServiceError,
+    free_port,
+    kill_group,
+    labkit_processes,
+    log_tail,
+    spawn,
+)
 from .services.beat import BeatService
 from .services.flower import FlowerService
 from .services.launcher import LauncherService, preload_enabled
@@ -528,7 +536,12 @@ class LocalCluster(ClusterClient):
         for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
                       [*self.relays.values(), *self.zookeepers, *ha, self.redis, *rabbit], epmd):
             for s in group:
-                s.terminate()
+                if s in rabbit and not keep_run_dir and s.alive():
+                    # its data goes with the run directory: a clean stop (1 s, 6 s with the
+                    # management plugin) would only be waited for
+                    kill_group(s.proc.pid)
+                else:
+                    s.terminate()
             for s in group:
                 s.finish()
             if self.launcher is not None:  # after the workers: it reports their exits until they are gone

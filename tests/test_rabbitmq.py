@@ -1,7 +1,8 @@
 """RabbitMQ as the broker, on real Erlang VMs: start, ready, kill, restart, teardown, a 3-node cluster.
 
-One single-node cluster serves the module (a node takes seconds to boot);
-the three-node cluster is started once, in its own test.
+One single-node cluster, started in the background (``start_soon``), serves
+the module: a node takes seconds to boot. The three-node cluster is started
+once for the whole suite, by lesson 10's tests (``tests/lessons/test_failures.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from labkit.lessons.welcome import add
 from labkit.poll import poll_until
 from labkit.services.base import labkit_processes
 from labkit.services.rabbitmq import epmd_names, stray_erlang
-from labkit.testing import cluster as fresh_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -41,9 +41,22 @@ def erlang_of(cluster_id: str) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def rabbit():
-    with fresh_cluster(workers=1, zookeeper=0, broker="rabbitmq") as c:
+    c = LocalCluster(workers=1, zookeeper=0, broker="rabbitmq", reuse=False, start=False)
+    try:
+        t0 = time.monotonic()
+        assert c.start_soon() is c
+        c.background_returned_in = time.monotonic() - t0
+        c.state_after_start_soon = c.state
+        assert c.start() is c
         yield c
+    finally:
+        c.close()
     assert not stray_erlang(c.id), "an Erlang process of the cluster survived close()"
+
+
+def test_start_soon_boots_in_the_background_and_start_waits_for_it(rabbit):
+    assert rabbit.background_returned_in < 1.0 and rabbit.state_after_start_soon in (Status.NEW, Status.STARTING)
+    assert rabbit.state == Status.RUNNING
 
 
 def test_a_task_travels_through_rabbitmq_and_its_result_through_redis(rabbit):
@@ -110,7 +123,11 @@ def test_the_broker_choice_reaches_every_celery_process(rabbit):
     beat = rabbit.add_beat()
     flower = rabbit.add_flower()
     try:
-        for service in (rabbit.workers["w1"], beat, flower):
+        # a worker forked by the launcher shows the launcher's environment in /proc: ask it instead
+        w1 = rabbit.workers["w1"].hostname
+        stats = rabbit.app.control.inspect(destination=[w1], timeout=2).stats()[w1]
+        assert (stats["broker"]["transport"], stats["broker"]["port"]) == ("amqp", rabbit.rabbitmq_nodes[0].port)
+        for service in (beat, flower):
             env = psutil.Process(service.pid).environ()
             assert env["LABKIT_BROKER_URL"] == rabbit.broker_url, service.name
             assert env["LABKIT_REDIS_URL"] == rabbit.redis_url, service.name
@@ -142,7 +159,7 @@ def test_a_worker_relay_cuts_the_broker_link_only(rabbit):
 OWNER = """
 import json, time
 from labkit import LocalCluster
-c = LocalCluster(workers=1, zookeeper=0, broker="rabbitmq", reuse=False)
+c = LocalCluster(workers=0, zookeeper=0, broker="rabbitmq", reuse=False)
 print(json.dumps({"id": c.id}), flush=True)
 time.sleep(600)
 """
@@ -164,47 +181,8 @@ def test_sigkill_of_the_owner_leaves_no_erlang_process():
         owner.wait()
 
 
-def test_three_nodes_form_one_cluster_with_quorum_queues_and_survive_one_death():
-    t0 = time.monotonic()
-    with fresh_cluster(workers=1, zookeeper=0, broker="rabbitmq", rabbitmq_nodes=3) as c:
-        started = time.monotonic() - t0
-        nodes = c.rabbitmq_nodes
-        members = sorted(n.node for n in nodes)
-        for n in nodes:
-            assert sorted(n.running_nodes()) == members
-        assert c.broker_url.count(";") == 2
-        assert c.task(add).delay(1, 2).get(timeout=30) == 3
-        with c.app.connection_for_write() as conn:
-            conn.default_channel.queue_declare("celery", passive=True)
-        types = nodes[0].queue_types()
-        assert types["celery"] == "quorum", types
-        c.kill("rabbit1")  # the seed, and the node everybody connected to first
-        assert poll_until(lambda: sorted(nodes[1].running_nodes()) == members[1:], 10, 0.1)
-        # Celery's default publish retry (3 tries, ~0.6 s) can give up before its pooled connection
-        # fails over to the next URL: a producer that must ride out a node's death needs a policy
-        policy = {"max_retries": 20, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.3}
-        result = c.task(add).apply_async((3, 4), retry_policy=policy)
-        assert result.get(timeout=30) == 7, "the worker and the kernel failed over"
-        cid = c.id
-    assert not erlang_of(cid)
-    print(f"three-node cluster ready in {started:.1f} s")
-
-
-def test_start_soon_boots_in_the_background_and_start_waits_for_it():
-    c = LocalCluster(workers=1, zookeeper=0, broker="rabbitmq", reuse=False, start=False)
-    try:
-        t0 = time.monotonic()
-        assert c.start_soon() is c
-        assert time.monotonic() - t0 < 1.0 and c.state in (Status.NEW, Status.STARTING)
-        assert c.start() is c and c.state == Status.RUNNING
-        assert c.task(add).delay(1, 1).get(timeout=20) == 2
-    finally:
-        c.close()
-    assert not erlang_of(c.id)
-
-
 def test_closing_during_a_background_start_leaves_nothing():
-    c = LocalCluster(workers=1, zookeeper=0, broker="rabbitmq", reuse=False, start=False).start_soon()
+    c = LocalCluster(workers=0, zookeeper=0, broker="rabbitmq", reuse=False, start=False).start_soon()
     c.close()
     assert c.state == Status.CLOSED
     assert not labkit_processes(c.id)

@@ -3,20 +3,32 @@
 Three clusters, each started once: the everyday one (standalone Redis without
 persistence, one ZooKeeper, a partitionable worker), a Redis with the
 append-only file, and the hardened one (Sentinel, a 3-node ensemble, a long
-visibility timeout). The negative controls reuse the "before" runs.
+visibility timeout), plus two RabbitMQ clusters (three quorum nodes, and one
+node for its negative control) that boot in the background from the start.
+The negative controls reuse the "before" runs.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from labkit import LocalCluster
+from labkit import LocalCluster, testing
 from labkit.lessons import failures
 from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster
 
 VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S, FAILOVER_S = 2, 1.0, 100, 1.0, 2.0, 6.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def rabbit_soon():
+    """Both RabbitMQ clusters boot from the start, while the Redis experiments (mostly waiting) run,
+    as notebook 10 boots its own: three quorum nodes, and the single node of the negative control
+    (no worker: what it measures is whether the broker accepts publishes)."""
+    with testing.booting(**failures.RABBIT) as three, \
+            testing.booting(**{**failures.RABBIT, "rabbitmq_nodes": 1, "workers": 0}) as single:
+        yield {"three": three, "single": single}
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +164,24 @@ def test_failures_claim_fails_without_the_fix_no_quorum(hardened):
 
 # ----------------------------------------------------------------------------- the talk's broker: RabbitMQ
 @pytest.fixture(scope="module")
-def rabbit():
+def rabbit(rabbit_soon):
     """The three-node RabbitMQ cluster (quorum queues), started once: visibility, then a node's death."""
-    with LocalCluster(**failures.RABBIT, reuse=False) as r:
+    with rabbit_soon["three"].start() as r:
         nodes = r.rabbitmq_nodes
         yield {
+            "broker_url": r.broker_url,
+            "members": {n.node: sorted(n.running_nodes()) for n in nodes},
             "types": nodes[0].queue_types(),
             "vt": failures.visibility(r),
             "death": failures.node_death(r, window_s=WINDOW_S),
         }
+
+
+def test_failures_three_rabbitmq_nodes_form_one_cluster(rabbit):
+    """Every node sees all three running (the suite's only three-node cluster: the service is tested here)."""
+    names = sorted(rabbit["members"])
+    assert len(names) == 3 and all(seen == names for seen in rabbit["members"].values()), rabbit["members"]
+    assert rabbit["broker_url"].count(";") == 2  # Celery fails over along the three nodes' URLs
 
 
 def test_failures_rabbitmq_has_no_visibility_timeout(rabbit):
@@ -182,10 +203,9 @@ def test_failures_quorum_cluster_survives_a_node(rabbit):
     assert m.meta["killed"] == "rabbit1" and m.meta["ok_before"] > 0
 
 
-def test_failures_claim_fails_without_the_fix_single_rabbitmq_node():
+def test_failures_claim_fails_without_the_fix_single_rabbitmq_node(rabbit_soon):
     """One RabbitMQ node is a single point of failure like one Redis: after its death nothing is accepted."""
-    single = {**failures.RABBIT, "rabbitmq_nodes": 1}
-    with LocalCluster(**single, reuse=False) as r:
+    with rabbit_soon["single"].start() as r:
         m = failures.node_death(r, window_s=WINDOW_S)
     assert m.meta["ok_after"] == 0
     with pytest.raises(AssertionError, match="accepted again"):

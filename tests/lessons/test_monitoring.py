@@ -37,7 +37,14 @@ def seen(cluster):
 
 
 @pytest.fixture(scope="module")
-def fired(cluster):
+def rabbit_soon():
+    """The RabbitMQ cluster of the last section, booting from the alerts on (they mostly wait)."""
+    with testing.booting(**monitoring.RABBIT) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def fired(cluster, rabbit_soon):
     return monitoring.alerts(cluster, flood=FLOOD, threshold=THRESHOLD)
 
 
@@ -112,8 +119,8 @@ def test_flower_dashboard_and_inspect_agree_on_a_workload(cluster, dashboard, fi
 
 # ----------------------------------------------------------------------------- the broker's own view (RabbitMQ)
 @pytest.fixture(scope="module")
-def hung():
-    with testing.cluster(**monitoring.RABBIT) as r:
+def hung(rabbit_soon):
+    with rabbit_soon.start() as r:
         assert r.management_url.startswith("http://127.0.0.1:")
         yield monitoring.hung_queue(r, flood=120)
 

@@ -34,7 +34,14 @@ def prefetch(cluster):
 
 
 @pytest.fixture(scope="module")
-def bursts(cluster):
+def rabbit_soon():
+    """The RabbitMQ cluster of the last section, booting from the autoscale bursts on (they mostly wait)."""
+    with testing.booting(**queues.RABBIT) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def bursts(cluster, rabbit_soon):
     return {"auto": queues.burst(cluster, "auto"), "fixed": queues.burst(cluster, "mixed")}
 
 
@@ -122,9 +129,9 @@ def test_queues_claim_fails_without_the_fix_fixed_pool(bursts):
 
 # ----------------------------------------------------------------------------- prefetch on RabbitMQ
 @pytest.fixture(scope="module")
-def rabbit_prefetch():
+def rabbit_prefetch(rabbit_soon):
     """The two prefetch fixes on a cluster whose broker is RabbitMQ (AMQP basic.qos)."""
-    with testing.cluster(**queues.RABBIT) as c:
+    with rabbit_soon.start() as c:
         yield {mode: queues.prefetch(c, mode) for mode in ("disabled", "late")}
 
 
