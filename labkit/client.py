@@ -34,6 +34,28 @@ def short_name(hostname: str) -> str:
     return hostname.split("@", 1)[0]
 
 
+def _forget_results(app: Celery) -> None:
+    """Detach the kernel's result consumer, so results collected later leave the stopped Redis alone.
+
+    An ``AsyncResult`` unsubscribes from its result channel when it is
+    garbage-collected (``AsyncResult.__del__``). Once the cluster's Redis is
+    gone, Celery's Redis backend retries that for up to 20 s — inside the
+    garbage collector, in whatever the kernel happens to be running. With
+    nothing subscribed and no pub/sub connection, a late ``__del__`` is a no-op.
+    (Celery keeps one backend per thread; this is the calling thread's.)
+    """
+    backend = getattr(app._local, "backend", None)
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is None:
+        return
+    with contextlib.suppress(Exception):  # private attributes of Celery 5.x's ResultConsumer
+        consumer.subscribed_to.clear()
+        consumer._pending_unsubscribe.clear()
+        pubsub, consumer._pubsub = consumer._pubsub, None
+        if pubsub is not None:
+            pubsub.close()
+
+
 @runtime_checkable
 class ClusterLike(Protocol):
     """What a lesson may use of a cluster without owning its processes."""
@@ -192,6 +214,7 @@ class ClusterClient:
                 self._kernel_zk.stop()
                 self._kernel_zk.close()
             self._kernel_zk = None
+        _forget_results(self.app)
         with contextlib.suppress(Exception):
             self.app.close()
 

@@ -23,8 +23,23 @@ from .poll import poll_until
 from .services.base import labkit_processes
 
 SESSION_ENV = "LABKIT_TEST_SESSION"
+
+
+def _session_mark() -> str:
+    """This process's mark: the session's, plus the pytest-xdist worker's id when there is one.
+
+    xdist's workers inherit the controller's environment, so without their
+    own suffix one worker's leak check would blame the other's live clusters.
+    """
+    mark = os.environ.setdefault(SESSION_ENV, uuid.uuid4().hex)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and not mark.endswith(f"-{worker}"):
+        mark = os.environ[SESSION_ENV] = f"{mark}-{worker}"
+    return mark
+
+
 #: This test session's mark (set once, inherited by every child process).
-SESSION = os.environ.setdefault(SESSION_ENV, uuid.uuid4().hex)
+SESSION = _session_mark()
 
 
 def _ours(p: psutil.Process) -> bool:

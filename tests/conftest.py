@@ -6,6 +6,11 @@
   processes) or ``notebook`` (runs a notebook); the rest are unit tests, and
   ``make quick`` runs just those. A unmarked test that tries to start a
   process fails at once, so the fast tier stays fast and honest.
+
+``make test`` runs the suite on two pytest-xdist workers. A test module
+that shares a module-scoped cluster stays on one worker (its tests form one
+``xdist_group``), so the cluster starts once; notebook runs are spread one
+by one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--nb-cell-timeout", type=int, default=240,
         help="seconds one notebook cell may run under nbval before the kernel is killed",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and item.path.name != "test_notebooks.py":
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="module")

@@ -318,3 +318,21 @@ def test_a_probe_that_raises_is_quoted_in_the_readiness_error(tmp_path):
     with pytest.raises(ServiceError, match="probe last raised ValueError: the probe itself is buggy"):
         service.start(timeout=1)
     assert not service.alive() and service.state == Status.FAILED
+
+
+def test_a_result_collected_after_close_does_not_reconnect(caplog):
+    """A pending AsyncResult garbage-collected after close() must not retry the stopped Redis.
+
+    Before the kernel's result consumer was detached on close, each such
+    ``__del__`` retried the dead Redis 20 times, a second apart, inside the
+    garbage collector.
+    """
+    import gc
+
+    c = LocalCluster(workers=0, zookeeper=0, reuse=False)
+    pending = [c.app.send_task("nobody.runs.this") for _ in range(3)]
+    c.close()
+    with caplog.at_level("ERROR", logger="celery.backends.redis"):
+        del pending
+        gc.collect()
+    assert not [r for r in caplog.records if "Connection to Redis lost" in r.getMessage()]

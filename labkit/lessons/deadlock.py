@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import chain, chord, shared_task
@@ -189,6 +190,26 @@ def guarded(cluster: ClusterLike, *, subtask_s: float = 0.3, timeout_s: float = 
     return m
 
 
+def _queued_together(cluster: ClusterLike, send: Callable[[], list]) -> list:
+    """Run ``send()`` while the cluster's workers are paused, so all its messages queue before any starts.
+
+    "Sent at once" must mean queued ahead of every subtask: a kernel
+    descheduled between two publishes (a loaded laptop, a CI machine) lets
+    the first parent start and queue its subtask ahead of the second parent;
+    the subtask then finds a free slot and the deadlock never forms. Pausing
+    (SIGSTOP) the workers while publishing removes that race; an attached
+    cluster, whose workers the kernel cannot pause, is published to as is.
+    """
+    workers = [name for name, w in getattr(cluster, "workers", {}).items() if w.alive()]
+    for name in workers:
+        cluster.pause(name)  # type: ignore[attr-defined]
+    try:
+        return send()
+    finally:
+        for name in workers:
+            cluster.resume(name)  # type: ignore[attr-defined]
+
+
 def before(cluster: ClusterLike, *, parents: int = POOL, subtask_s: float = 0.3, timeout_s: float = 3.0,
            pool: int = POOL, snapshot: bool = False) -> Measurement:
     """``parents`` tasks each wait (guard off) for their subtask; the pool has ``pool`` slots.
@@ -198,7 +219,8 @@ def before(cluster: ClusterLike, *, parents: int = POOL, subtask_s: float = 0.3,
     """
     run = f"dl:{uuid.uuid4().hex[:8]}"
     sent = time.perf_counter()
-    results = [cluster.task(report).delay(i, subtask_s, timeout_s, False, run) for i in range(parents)]
+    results = _queued_together(cluster, lambda: [cluster.task(report).delay(i, subtask_s, timeout_s, False, run)
+                                                  for i in range(parents)])
     active: dict[str, list[str]] = {}
     if snapshot:
         time.sleep(min(1.0, timeout_s / 3))  # let the parents take their slots

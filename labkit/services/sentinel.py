@@ -73,7 +73,9 @@ class SentinelService(Service):
     sentinels: int = 3
     quorum: int = 2
     down_after_ms: int = 1000
-    failover_timeout_ms: int = 5000
+    #: Also the election timeout; a failover that failed (a split vote, a
+    #: promotion not confirmed in time) is tried again after twice this.
+    failover_timeout_ms: int = 2500
     master_name: str = MASTER_NAME
     binary: str | None = None
     replicas: int = 1
@@ -173,6 +175,17 @@ class SentinelGroup:
         """The Celery settings that make the broker and the result backend follow the primary."""
         options = {"master_name": self.master_name}
         return {"broker_transport_options": options, "result_backend_transport_options": options}
+
+    def failover_bound_s(self) -> float:
+        """Seconds from the primary's death to a promoted replica, allowing one failed attempt.
+
+        Detection takes ``down_after_ms``; an election that fails is retried
+        after twice ``failover_timeout_ms``; the retry's election and the
+        promotion itself take about a second (INFO is polled every second
+        during a failover).
+        """
+        s = self.sentinels[0]
+        return s.down_after_ms / 1000 + 2 * s.failover_timeout_ms / 1000 + 1.0
 
     def primary(self) -> tuple[str, int] | None:
         """The primary a client would be given now (by the first sentinel that has one); None mid-failover."""

@@ -20,7 +20,7 @@ from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster
 
-VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S, FAILOVER_S = 2, 1.0, 100, 1.0, 2.0, 6.0
+VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S, FAILOVER_S = 2, 1.0, 100, 1.0, 2.0, 10.0
 
 
 @pytest.fixture(autouse=True, scope="module")
