@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 
 from labkit.lessons import failures
-from labkit.services.sentinel import sentinel_group
 from labkit.services.redis import RedisService
+from labkit.services.sentinel import sentinel_group
 
 
 def _group(tmp_path):
