@@ -44,7 +44,8 @@ lab: setup
 test: setup browser
 	$(PY) -m labkit.cli doctor --quiet
 	$(VENV)/bin/ruff check labkit tests bench
-	$(PY) -m pytest tests -v --durations=15 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
+	$(PY) -m pytest tests -v -n 2 --durations=25 --nb-cell-timeout=$(NB_CELL_TIMEOUT)
+	cd examples/my_tasks && $(abspath $(PY)) -m pytest -q  # a project using only the pytest plugin
 
 quick: venv
 	$(VENV)/bin/ruff check labkit tests bench

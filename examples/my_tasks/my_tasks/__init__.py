@@ -1,0 +1,1 @@
+"""A small application's Celery tasks (an example for labkit's pytest plugin)."""
