@@ -1,6 +1,6 @@
 """Cluster start-up, worker restart and add_worker, next to one bare ``celery worker`` — in one run.
 
-    python bench/cluster_start.py [--runs 7] [--compare]
+    python bench/cluster_start.py [--runs 7] [--compare] [--skip-rabbitmq]
 
 Prints, with the machine and its load average:
 
@@ -10,7 +10,11 @@ Prints, with the machine and its load average:
 * the same for one bare ``celery worker`` with default flags (gossip, mingle
   and heartbeat on) until it answers a control ping, and the ratio of the two
   medians (cluster starts and bare starts alternate, so both see the same load);
-* the medians of ``restart("w1")`` and ``add_worker()`` to ready.
+* the medians of ``restart("w1")`` and ``add_worker()`` to ready;
+* RabbitMQ: one fresh node from spawn to a completed AMQP handshake as the
+  kit starts it, the same node through Debian's stock ``rabbitmq-server``
+  script (same ports, directories and epmd), and a three-node cluster
+  (quorum-queue settings) to all-ready (``--skip-rabbitmq`` leaves them out).
 
 ``--compare`` repeats the cluster figures with ``LABKIT_PRELOAD=0`` (every
 worker a fresh interpreter, as before the preloaded launcher), interleaved
@@ -32,6 +36,8 @@ import time
 from collections import defaultdict
 
 from labkit import LocalCluster
+from labkit.poll import poll_until
+from labkit.services.rabbitmq import amqp_handshake, find_rabbitmq
 
 
 @contextlib.contextmanager
@@ -86,6 +92,63 @@ def bare_worker_start(broker: LocalCluster) -> float:
         proc.wait()
 
 
+def rabbit_node_start() -> float:
+    """Spawn to AMQP handshake of one fresh node, as LocalCluster(broker="rabbitmq") starts it."""
+    with LocalCluster(workers=0, zookeeper=0, broker="rabbitmq", reuse=False) as c:
+        return c.rabbitmq_nodes[0].ready_seconds
+
+
+def rabbit_cluster_start() -> float:
+    t0 = time.perf_counter()
+    c = LocalCluster(workers=0, zookeeper=0, broker="rabbitmq", rabbitmq_nodes=3, reuse=False)
+    elapsed = time.perf_counter() - t0
+    c.close()
+    return elapsed
+
+
+def stock_script_start() -> float:
+    """The same fresh node through Debian's ``rabbitmq-server`` script (foreground), with the kit's epmd.
+
+    The script execs ``erl`` without ``-sname``; RabbitMQ's prelaunch then
+    starts a throw-away VM to make sure an epmd runs (here the kit's answers on
+    ERL_EPMD_PORT, so the ``epmd -daemon`` it launches exits at once).
+    """
+    install = find_rabbitmq()
+    script = str(install.home.parent.parent / "bin" / "rabbitmq-server") if install else "rabbitmq-server"
+    holder = LocalCluster(workers=0, zookeeper=0, broker="rabbitmq", reuse=False, start=False)
+    group = holder.rabbitmq
+    try:
+        group.epmd.start(10)
+        node = group.nodes[0]
+        node.prepare()
+        (node.base / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{node.port}\n")
+        env = dict(os.environ, **node.environment(), LABKIT_CLUSTER=holder.id)
+        env.pop("RABBITMQ_ADVANCED_CONFIG_FILE")
+        env.update(RABBITMQ_CONFIG_FILE=str(node.base / "rabbitmq.conf"),
+                   ERL_LIBS="", RABBITMQ_PLUGINS_DIR=str(install.plugins) if install else "",
+                   RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([script], env=env, cwd=node.base, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            def ready() -> bool:
+                try:
+                    amqp_handshake(node.port)
+                    return True
+                except Exception:
+                    return False
+
+            if not poll_until(ready, 60, 0.05, alive=lambda: proc.poll() is None):
+                raise RuntimeError("the stock script's node did not answer AMQP")
+            return time.perf_counter() - t0
+        finally:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    finally:
+        group.epmd.stop()
+        holder.close()
+
+
 def restarts_and_adds(runs: int) -> dict[str, list[float]]:
     """``restart("w1")`` of a live worker, of a killed one, and ``add_worker()``: ``runs`` times each, in turn.
 
@@ -137,6 +200,7 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also measure with LABKIT_PRELOAD=0 (every worker a fresh interpreter)")
     parser.add_argument("--lessons", action="store_true", help="also start lesson 03's and 09's clusters")
+    parser.add_argument("--skip-rabbitmq", action="store_true", help="leave out the RabbitMQ figures")
     args = parser.parse_args()
     modes = [True, False] if args.compare else [True]
     print(f"machine: {machine()}")
@@ -183,6 +247,18 @@ def main() -> None:
     for (name, mode), samples in lessons.items():
         label = "" if not args.compare else (" [preloaded]" if mode else " [LABKIT_PRELOAD=0]")
         print(summary(f"lesson {name}{label}", samples))
+    if args.skip_rabbitmq:
+        return
+    kit, stock, three = [], [], []
+    for _ in range(args.runs):  # interleaved, so the three see the same load
+        kit.append(rabbit_node_start())
+        stock.append(stock_script_start())
+        three.append(rabbit_cluster_start())
+    print(summary("RabbitMQ node, kit start (AMQP handshake)", kit))
+    print(summary("RabbitMQ node, stock rabbitmq-server script", stock))
+    print(f"ratio kit / stock script: {statistics.median(kit) / statistics.median(stock):.2f}")
+    print(summary("three-node RabbitMQ cluster, all ready", three))
+    print(f"load average after RabbitMQ (1, 5, 15 min): {load()}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The Celery app every worker and every notebook shares, and per-process clients.
 
-One function, :func:`make_app`, builds the app from a Redis URL and a dict of
-settings. The notebook's ``cluster.app`` and each ``celery worker`` (through
+One function, :func:`make_app`, builds the app from a Redis URL (the result
+backend, and the broker unless a ``broker_url`` is given: RabbitMQ's, with
+``LocalCluster(broker="rabbitmq")``) and a dict of settings. The notebook's ``cluster.app`` and each ``celery worker`` (through
 :mod:`labkit.worker_app`, which reads the same values from the environment)
 call it with the same arguments, so the producer and the consumers can never
 disagree about serializers, queues or time limits.
@@ -67,10 +68,12 @@ def make_app(
     settings: dict[str, Any] | None = None,
     include: list[str] | None = None,
     main: str = "labkit",
+    broker_url: str | None = None,
 ) -> Celery:
-    """A Celery app using ``redis_url`` as broker and result backend."""
+    """A Celery app with ``redis_url`` as result backend and broker (``broker_url`` overrides the broker)."""
     conf = merge_settings(DEFAULT_SETTINGS, settings)
-    app = Celery(main, broker=redis_url, backend=redis_url, include=include if include is not None else lesson_modules())
+    app = Celery(main, broker=broker_url or redis_url, backend=redis_url,
+                 include=include if include is not None else lesson_modules())
     app.conf.update(conf)
     return app
 
@@ -116,6 +119,11 @@ def redis_url() -> str:
     if not url:
         raise RuntimeError("LABKIT_REDIS_URL is not set: this runs inside a labkit worker only")
     return url
+
+
+def broker_url() -> str | None:
+    """The cluster's broker URL when it is not Redis (``LABKIT_BROKER_URL``), else None."""
+    return os.environ.get("LABKIT_BROKER_URL") or None
 
 
 def _per_process(key: str, factory):

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-CHECKS = ("python", "redis-server", "java", "zookeeper", "libfaketime", "packages")
+CHECKS = ("python", "redis-server", "java", "zookeeper", "libfaketime", "rabbitmq", "packages")
 #: found or not, these do not fail `labkit doctor`: only `make test`'s browser test needs them
 FOR_TESTS = ("chromium", "playwright")
 
@@ -60,6 +60,15 @@ def _doctor_rows() -> list[tuple[str, bool, str, str]]:
     lib = find_libfaketime()
     rows.append(("libfaketime", bool(lib), lib or "not found",
                  "sudo apt-get install libfaketime (needed by the clock-skew lesson)"))
+    from .services import rabbitmq as q  # noqa: PLC0415
+
+    install = q.find_rabbitmq()
+    if install is None:
+        rows.append(("rabbitmq", False, "not found (rabbitmq-server, with Erlang's erl and epmd)", q.REMEDY))
+    elif not install.erl_call:
+        rows.append(("rabbitmq", False, f"{install.version}, but no erl_call", q.REMEDY))
+    else:
+        rows.append(("rabbitmq", True, f"{install.version} at {install.home} (erl {install.erl})", ""))
     versions = []
     missing = []
     for pkg in ("celery", "kombu", "redis", "kazoo", "jupyterlab", "nbval"):
@@ -202,7 +211,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .cluster import LocalCluster  # noqa: PLC0415
 
-    cluster = LocalCluster(workers=args.workers, zookeeper=args.zookeeper, reuse=False)
+    rabbit = {"broker": "rabbitmq", "rabbitmq_nodes": args.rabbitmq_nodes, "management": args.management} \
+        if args.broker == "rabbitmq" else {}
+    cluster = LocalCluster(workers=args.workers, zookeeper=args.zookeeper, reuse=False, **rabbit)
 
     def _stop(*_a) -> None:
         raise KeyboardInterrupt
@@ -211,6 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         info = {
             "id": cluster.id, "redis_url": cluster.redis_url, "zk_hosts": cluster.zk_hosts,
+            "broker_url": cluster.broker_url, "management_url": cluster.management_url,
             "workers": [w.hostname for w in cluster.workers.values()], "run_dir": str(cluster.run_dir),
             "started_in_s": round(cluster.started_in or 0, 2),
         }
@@ -218,8 +230,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(json.dumps(info), flush=True)
         else:
             print(cluster, flush=True)
+            broker = f" LABKIT_BROKER_URL='{cluster.broker_url}'" if cluster.rabbitmq is not None else ""
             print(f"ready in {info['started_in_s']} s; export LABKIT_REDIS_URL={cluster.redis_url}"
-                  f" LABKIT_ZK_HOSTS={cluster.zk_hosts}; Ctrl-C to stop", flush=True)
+                  f" LABKIT_ZK_HOSTS={cluster.zk_hosts}{broker}; Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -255,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("up", help="run a cluster in the foreground until Ctrl-C")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--zookeeper", type=int, default=1, help="0 none, 1 standalone, N ensemble")
+    p.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis",
+                   help="the Celery broker (Redis stays the result backend)")
+    p.add_argument("--rabbitmq-nodes", type=int, default=1, help="with --broker rabbitmq: N >= 2 for a cluster")
+    p.add_argument("--management", action="store_true", help="with --broker rabbitmq: the management plugin")
     p.add_argument("--json", action="store_true", help="print one JSON object with the addresses")
     p.set_defaults(fn=cmd_up)
     p = sub.add_parser("status", help="list running clusters")

@@ -237,12 +237,13 @@ class AttachedCluster(ClusterClient):
     """
 
     def __init__(self, redis_url: str, zk_hosts: str = "", settings: dict[str, Any] | None = None,
-                 include: list[str] | None = None) -> None:
+                 include: list[str] | None = None, broker_url: str | None = None) -> None:
         if not redis_url.startswith(("redis://", "rediss://", "sentinel://")):
             raise ValueError(f"redis_url must look like redis://host:port/db, not {redis_url!r}")
         self._redis_url, self._zk_hosts = redis_url, zk_hosts
         self.id = "attached:" + redis_url.split("://", 1)[1]
-        self.app = make_app(redis_url, settings=settings, include=include)
+        self.app = make_app(redis_url, settings=settings, include=include, broker_url=broker_url)
+        self.broker_url = broker_url or redis_url
         self.state = Status.ATTACHED
 
     @property
@@ -258,8 +259,11 @@ class AttachedCluster(ClusterClient):
 
 
 def attach(redis_url: str | None = None, zk_hosts: str | None = None,
-           settings: dict[str, Any] | None = None) -> AttachedCluster:
-    """Use a running cluster: arguments, else ``$LABKIT_REDIS_URL`` / ``$LABKIT_ZK_HOSTS``."""
+           settings: dict[str, Any] | None = None, broker_url: str | None = None) -> AttachedCluster:
+    """Use a running cluster: arguments, else ``$LABKIT_REDIS_URL`` / ``$LABKIT_ZK_HOSTS`` / ``$LABKIT_BROKER_URL``.
+
+    ``broker_url`` is needed only when the broker is not Redis (``labkit up --broker rabbitmq``).
+    """
     url = redis_url or os.environ.get("LABKIT_REDIS_URL")
     if not url:
         raise RuntimeError(
@@ -267,4 +271,5 @@ def attach(redis_url: str | None = None, zk_hosts: str | None = None,
             "(`labkit up --json` prints one; docker compose sets it in the lab container)"
         )
     hosts = zk_hosts if zk_hosts is not None else os.environ.get("LABKIT_ZK_HOSTS", "")
-    return AttachedCluster(url, hosts, settings=settings)
+    broker = broker_url or os.environ.get("LABKIT_BROKER_URL") or None
+    return AttachedCluster(url, hosts, settings=settings, broker_url=broker)

@@ -22,7 +22,10 @@ What it promises (see the README's "Architecture"):
   of a worker's pool children with ``child=i``; ``partition``/``heal`` a
   worker started with ``relay=True`` (:mod:`~labkit.services.relay`);
   ``redis="sentinel"`` adds a replica and three sentinels
-  (:mod:`~labkit.services.sentinel`) so the primary can fail over.
+  (:mod:`~labkit.services.sentinel`) so the primary can fail over;
+* ``broker="rabbitmq"`` makes a RabbitMQ node the broker (Redis stays the
+  result backend), ``rabbitmq_nodes=3`` a three-node RabbitMQ cluster with
+  quorum queues (:mod:`~labkit.services.rabbitmq`).
 
 The client side (``app``, ``task``, ``ping``, ``redis_client``, ``zk``) is
 :class:`~labkit.client.ClusterClient`, shared with
@@ -53,10 +56,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .app import lesson_modules, make_app, merge_settings
 from .client import AttachedCluster, ClusterClient, attach
 from .poll import poll_until
-from .services.base import Service, ServiceError, free_port, labkit_processes, log_tail, spawn
+from .services.base import (
+    Service,
+    ServiceError,
+    free_port,
+    kill_group,
+    labkit_processes,
+    log_tail,
+    spawn,
+)
 from .services.beat import BeatService
 from .services.flower import FlowerService
 from .services.launcher import LauncherService, preload_enabled
+from .services.rabbitmq import (
+    QueueDepths,
+    RabbitMQGroup,
+    RabbitMQService,
+    amqp_url,
+    broker_settings,
+    rabbitmq_group,
+)
 from .services.redis import RedisService
 from .services.relay import RelayService
 from .services.sentinel import SentinelGroup, sentinel_group
@@ -66,8 +85,10 @@ from .status import Status
 
 __all__ = ["AttachedCluster", "LocalCluster", "attach", "run_root"]
 
-_RESERVED = ("redis", "zk", "guard", "replica", "launcher")
+_RESERVED = ("redis", "zk", "guard", "replica", "launcher", "epmd", "rabbit")
+_RESERVED_PREFIXES = ("zk", "sentinel", "rabbit")
 REDIS_MODES = ("single", "sentinel")
+BROKERS = ("redis", "rabbitmq")
 
 
 def run_root() -> Path:
@@ -79,7 +100,7 @@ def run_root() -> Path:
 
 
 class LocalCluster(ClusterClient):
-    """A Redis broker, an optional ZooKeeper (1 node or an ensemble), Celery workers and beats.
+    """A broker (Redis or RabbitMQ), Redis, an optional ZooKeeper (1 node or an ensemble), workers and beats.
 
     Parameters
     ----------
@@ -106,6 +127,17 @@ class LocalCluster(ClusterClient):
         ``"single"`` (one server) or ``"sentinel"``: a primary, a replica and
         three sentinels; every client reaches the primary through the
         sentinels (``sentinel://`` URLs), so it follows a failover.
+    broker:
+        ``"redis"`` (the default: Redis is broker and result backend) or
+        ``"rabbitmq"``: a RabbitMQ node is the broker, Redis stays the result
+        backend and the store lessons count in.
+    rabbitmq_nodes:
+        With ``broker="rabbitmq"``: 1 node, or N >= 2 clustered nodes whose
+        queues are quorum queues (replicated; Celery's settings for them are
+        added, see :func:`~labkit.services.rabbitmq.broker_settings`).
+    management:
+        With ``broker="rabbitmq"``: start RabbitMQ's management plugin (web UI
+        and HTTP API) on a free loopback port; or later, ``add_management()``.
     reuse:
         Return the cluster already running in this process with the same
         arguments instead of starting a second one (default True).
@@ -143,6 +175,9 @@ class LocalCluster(ClusterClient):
         redis_port: int = 0,
         appendonly: bool = False,
         redis: str = "single",
+        broker: str = "redis",
+        rabbitmq_nodes: int = 1,
+        management: bool = False,
         start: bool = True,
         start_timeout: float = 60.0,
         reuse: bool = True,
@@ -153,7 +188,8 @@ class LocalCluster(ClusterClient):
         # every argument is checked before anything touches the disk
         specs = self.check_options(workers, zookeeper=zookeeper, worker_options=worker_options,
                                    events=events, settings=settings, include=include, redis_port=redis_port,
-                                   start_timeout=start_timeout, name=name, redis=redis)
+                                   start_timeout=start_timeout, name=name, redis=redis, broker=broker,
+                                   rabbitmq_nodes=rabbitmq_nodes, management=management)
         self._initialised = True
         self._reused = False
         self.id = name or f"lk{uuid.uuid4().hex[:6]}"
@@ -178,6 +214,13 @@ class LocalCluster(ClusterClient):
             for s in self.sentinel.services:
                 s.on_spawn = self._record
             self.settings = merge_settings(self.sentinel.settings(), self.settings)
+        self.broker = broker
+        self.rabbitmq: RabbitMQGroup | None = None
+        if broker == "rabbitmq":
+            self.rabbitmq = rabbitmq_group(self.run_dir, self.id, rabbitmq_nodes, management=management)
+            for s in self.rabbitmq.services:
+                s.on_spawn = self._record
+            self.settings = merge_settings(broker_settings(rabbitmq_nodes), self.settings)
         self.relays: dict[str, RelayService] = {}
         self.zookeepers: list[ZooKeeperService] = (
             ensemble(zookeeper, self.run_dir, self.id) if zookeeper else []
@@ -193,7 +236,8 @@ class LocalCluster(ClusterClient):
         self.workers: dict[str, WorkerService] = {}
         self.beats: dict[str, BeatService] = {}
         self.flowers: dict[str, FlowerService] = {}
-        self.app = make_app(self.redis_url, settings=self.settings, include=self.include)
+        self.app = make_app(self.redis_url, settings=self.settings, include=self.include,
+                            broker_url=self._broker_override)
         for spec in specs:
             self._make_worker(spec)
         if start:
@@ -214,6 +258,9 @@ class LocalCluster(ClusterClient):
         start_timeout: float = 60.0,
         name: str | None = None,
         redis: str = "single",
+        broker: str = "redis",
+        rabbitmq_nodes: int = 1,
+        management: bool = False,
         **_ignored: Any,
     ) -> list[WorkerSpec]:
         """Validate ``LocalCluster`` arguments without starting anything; returns the worker specs.
@@ -237,9 +284,19 @@ class LocalCluster(ClusterClient):
             raise ValueError(f"redis must be one of {REDIS_MODES}, not {redis!r}")
         if not isinstance(events, bool):
             raise TypeError(f"events must be True or False, not {events!r}")
+        if broker not in BROKERS:
+            raise ValueError(f"broker must be one of {BROKERS}, not {broker!r}")
+        if isinstance(rabbitmq_nodes, bool) or not isinstance(rabbitmq_nodes, int) or rabbitmq_nodes < 1:
+            raise ValueError(f"rabbitmq_nodes must be 1 (one node) or N >= 2 (a cluster), not {rabbitmq_nodes!r}")
+        if broker != "rabbitmq" and (rabbitmq_nodes != 1 or management):
+            raise ValueError("rabbitmq_nodes and management need broker='rabbitmq'")
+        if not isinstance(management, bool):
+            raise TypeError(f"management must be True or False, not {management!r}")
         options = {"events": True, **(worker_options or {})} if events else dict(worker_options or {})
         if redis == "sentinel" and options.get("relay"):
             raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
+        if rabbitmq_nodes > 1 and options.get("relay"):
+            raise ValueError("relay=True needs one broker node: a relay points at one fixed server")
         if isinstance(workers, bool) or not isinstance(workers, int | list | tuple):
             raise ValueError(f"workers must be a count or a list of worker specs, not {workers!r}")
         if isinstance(workers, int):
@@ -259,34 +316,45 @@ class LocalCluster(ClusterClient):
             specs.append(spec)
         if redis == "sentinel" and any(s.relay for s in specs):
             raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
+        if rabbitmq_nodes > 1 and any(s.relay for s in specs):
+            raise ValueError("relay=True needs one broker node: a relay points at one fixed server")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique: {names}")
-        clash = [n for n in names if n in _RESERVED or n.startswith(("zk", "sentinel"))]
+        clash = [n for n in names if n in _RESERVED or n.startswith(_RESERVED_PREFIXES)]
         if clash:
             raise ValueError(f"worker names {clash} are reserved for the cluster's own services")
         return specs
 
     def _check_new_name(self, name: str) -> None:
         taken = {s.name for s in self.services}
-        if name in taken or name in _RESERVED or name.startswith(("zk", "sentinel")):
+        if name in taken or name in _RESERVED or name.startswith(_RESERVED_PREFIXES):
             raise ValueError(f"a service named {name!r} already exists in this cluster (or the name is reserved)")
 
     def _celery_env(self) -> dict[str, Any]:
         """What every Celery process of this cluster is told (see CeleryService)."""
         return {"run_dir": self.run_dir, "cluster_id": self.id, "redis_url": self.redis_url,
-                "zk_hosts": self.zk_hosts, "settings": self.settings, "on_spawn": self._record}
+                "broker_url": self._broker_override or "", "zk_hosts": self.zk_hosts,
+                "settings": self.settings, "on_spawn": self._record}
 
     def _make_worker(self, spec: WorkerSpec) -> WorkerService:
         self._check_new_name(spec.name)
         env = self._celery_env()
         if spec.relay:
-            if self.sentinel is not None:
+            if self.sentinel is not None and self.rabbitmq is None:
                 raise ValueError("relay=True needs redis='single': a relay points at one fixed server")
+            if self.rabbitmq is not None and len(self.rabbitmq.nodes) > 1:
+                raise ValueError("relay=True needs one broker node: a relay points at one fixed server")
+            # the relay carries the worker's link to the broker (RabbitMQ's node, else Redis)
+            target = self.rabbitmq.nodes[0].port if self.rabbitmq is not None else self.redis.port
             relay = RelayService(name=f"{spec.name}-relay", run_dir=self.run_dir, cluster_id=self.id,
-                                 target_port=self.redis.port, for_worker=spec.name, on_spawn=self._record)
+                                 target_port=target, for_worker=spec.name, on_spawn=self._record)
             self.relays[spec.name] = relay
-            env["redis_url"] = relay.url
+            if self.rabbitmq is not None:
+                _ = relay.url  # picks the relay's port
+                env["broker_url"] = amqp_url(relay.port)
+            else:
+                env["redis_url"] = relay.url
         worker = WorkerService(name=spec.name, spec=spec, include=self.include, ping=self._ping_one,
                                launcher=self.launcher, **env)
         self.workers[spec.name] = worker
@@ -305,6 +373,25 @@ class LocalCluster(ClusterClient):
         return self.sentinel.url if self.sentinel is not None else self.redis.url
 
     @property
+    def broker_url(self) -> str:
+        """The Celery broker URL: RabbitMQ's node(s) (``;``-separated for a cluster), else :attr:`redis_url`."""
+        return self._broker_override or self.redis_url
+
+    @property
+    def _broker_override(self) -> str | None:
+        return self.rabbitmq.url if self.rabbitmq is not None else None
+
+    @property
+    def rabbitmq_nodes(self) -> list[RabbitMQService]:
+        """The RabbitMQ node services (empty when Redis is the broker)."""
+        return list(self.rabbitmq.nodes) if self.rabbitmq is not None else []
+
+    @property
+    def management_url(self) -> str:
+        """RabbitMQ's management UI (``http://127.0.0.1:PORT``; user and password ``guest``), or ``""``."""
+        return self.rabbitmq.management_url if self.rabbitmq is not None else ""
+
+    @property
     def zk_hosts(self) -> str:
         """The kazoo connection string (``""`` when the cluster has no ZooKeeper)."""
         return ",".join(zk.hosts for zk in self.zookeepers)
@@ -312,17 +399,57 @@ class LocalCluster(ClusterClient):
     @property
     def services(self) -> list[Service]:
         ha = self.sentinel.services if self.sentinel is not None else []
+        rabbit = self.rabbitmq.services if self.rabbitmq is not None else []
         launcher = [self.launcher] if self.launcher is not None and self.launcher.proc is not None else []
-        return [self.redis, *ha, *self.zookeepers, *self.relays.values(), *launcher, *self.workers.values(),
+        return [self.redis, *ha, *rabbit, *self.zookeepers, *self.relays.values(), *launcher,
+                *self.workers.values(),
                 *self.beats.values(), *self.flowers.values()]
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> LocalCluster:
-        """Start every service (in parallel) and return when all are ready."""
+        """Start every service (in parallel) and return when all are ready.
+
+        After :meth:`start_soon`, waits for that start to finish (and raises its error).
+        """
         if self.state == Status.RUNNING:
             return self
         if self.state == Status.CLOSED:
             raise RuntimeError(f"cluster {self.id} is closed; create a new LocalCluster")
+        background, self._background = getattr(self, "_background", None), None
+        if background is not None:
+            thread, box = background
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+        else:
+            self._start_services()
+        self.app.set_current()
+        self.app.set_default()
+        return self
+
+    def start_soon(self) -> LocalCluster:
+        """Begin starting the services in a background thread and return at once.
+
+        For a cluster that a notebook needs only later (a RabbitMQ cluster takes
+        seconds to boot): its start-up overlaps with the cells before.
+        :meth:`start` waits for it to be ready (or raises what went wrong).
+        """
+        if self.state != Status.NEW or getattr(self, "_background", None) is not None:
+            return self
+        box: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                self._start_services()
+            except BaseException as exc:  # handed to start()
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"labkit-start-{self.id}", daemon=True)
+        self._background = (thread, box)
+        thread.start()
+        return self
+
+    def _start_services(self) -> None:
         t0 = time.monotonic()
         self.state = Status.STARTING
         self._register()
@@ -334,11 +461,17 @@ class LocalCluster(ClusterClient):
             self.redis.spawn()
             for zk in self.zookeepers:
                 zk.spawn()
+            rabbit = self.rabbitmq.nodes if self.rabbitmq is not None else []
+            if self.rabbitmq is not None:
+                self.rabbitmq.epmd.spawn()
+                self._wait_all([self.rabbitmq.epmd])  # a node registers with it as it boots
+                self.rabbitmq.spawn_nodes(self.start_timeout)  # a cluster's seed first
             self._wait_all([self.redis])
             ha = self.sentinel.services if self.sentinel is not None else []
             for s in [*ha, *self.relays.values()]:
                 s.spawn()
-            self._wait_all(list(self.relays.values()))  # a worker's first connection goes through its relay
+            # a worker's first connection goes through its relay, to a broker that answers
+            self._wait_all([*self.relays.values(), *rabbit])
             for worker in self.workers.values():
                 worker.spawn()
             for beat in self.beats.values():
@@ -352,10 +485,7 @@ class LocalCluster(ClusterClient):
             raise
         self.state = Status.RUNNING
         self.started_in = time.monotonic() - t0
-        self.app.set_current()
-        self.app.set_default()
         self._write_state()
-        return self
 
     def _wait_all(self, services: list[Service]) -> None:
         """Wait for every service at once; report *all* that failed, not the first."""
@@ -390,6 +520,9 @@ class LocalCluster(ClusterClient):
 
     def close(self, keep_run_dir: bool = False) -> None:
         """Stop every service (beats and workers first) and remove the run directory. Idempotent."""
+        background, self._background = getattr(self, "_background", None), None
+        if background is not None:  # a start_soon() under way: let it finish (or fail) first
+            background[0].join()
         if self.state == Status.CLOSED:
             return
         self.state = Status.CLOSING
@@ -397,10 +530,18 @@ class LocalCluster(ClusterClient):
         # clients of the broker first, the broker (and its relays) last: a worker that sends
         # heartbeats publishes worker-offline on its way out, and hangs until SIGKILL if Redis is gone
         ha = self.sentinel.services[::-1] if self.sentinel is not None else []
+        rabbit = self.rabbitmq.nodes if self.rabbitmq is not None else []
+        # epmd last: a node whose epmd vanished would try to start another one (``epmd -daemon``)
+        epmd = [self.rabbitmq.epmd] if self.rabbitmq is not None else []
         for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
-                      [*self.relays.values(), *self.zookeepers, *ha, self.redis]):
+                      [*self.relays.values(), *self.zookeepers, *ha, self.redis, *rabbit], epmd):
             for s in group:
-                s.terminate()
+                if s in rabbit and not keep_run_dir and s.alive():
+                    # its data goes with the run directory: a clean stop (1 s, 6 s with the
+                    # management plugin) would only be waited for
+                    kill_group(s.proc.pid)
+                else:
+                    s.terminate()
             for s in group:
                 s.finish()
             if self.launcher is not None:  # after the workers: it reports their exits until they are gone
@@ -503,6 +644,34 @@ class LocalCluster(ClusterClient):
         self._start_added(flower, self.flowers, True)
         return flower
 
+    def add_management(self) -> str:
+        """Start RabbitMQ's management plugin on every node (a free loopback port each); returns the first URL.
+
+        The web UI and HTTP API log in as ``guest`` / ``guest`` (RabbitMQ lets that
+        user in from loopback only). Already started (``management=True``): just the URL.
+        """
+        if self.rabbitmq is None:
+            raise ServiceError("management", "this cluster's broker is Redis; RabbitMQ's management plugin "
+                               "needs a RabbitMQ broker", remedy="LocalCluster(broker='rabbitmq', management=True)")
+        if self.state != Status.RUNNING:
+            raise RuntimeError(f"cluster {self.id} is {self.state}: start it before adding the management plugin")
+        for node in self.rabbitmq.nodes:
+            node.enable_management()
+        for node in self.rabbitmq.nodes:
+            if not poll_until(node._safe_probe, self.start_timeout, 0.1):
+                raise ServiceError(node.name, "the management plugin did not answer", log=node.log_path,
+                                   remedy="read the node's log above")
+        self._write_state()
+        return self.management_url
+
+    def management_api(self, path: str) -> Any:
+        """``GET`` RabbitMQ's management HTTP API on the first node that serves it (JSON decoded)."""
+        node = next((n for n in self.rabbitmq_nodes if n.management_port and n.alive()), None)
+        if node is None:
+            raise ServiceError("management", "no RabbitMQ node of this cluster runs the management plugin",
+                               remedy="LocalCluster(broker='rabbitmq', management=True), or cluster.add_management()")
+        return node.api(path)
+
     def _start_added(self, service: Service, registry: dict[str, Any], start: bool) -> None:
         if start and self.state == Status.RUNNING:
             try:
@@ -560,12 +729,12 @@ class LocalCluster(ClusterClient):
         """Stop (if needed) and start a service again on the same port; waits until ready."""
         service = self.service(name)
         service.restart(self.start_timeout)
-        if service is self.redis:
-            self._after_broker_restart()
+        if service is self.redis or service in self.rabbitmq_nodes:
+            self._after_broker_restart(service.name)
         return service
 
-    def _after_broker_restart(self) -> None:
-        """Drop pooled connections to the old Redis and wait until live workers reconnect.
+    def _after_broker_restart(self, name: str = "redis") -> None:
+        """Drop pooled connections to the old broker and wait until live workers reconnect.
 
         Workers retry the broker every ~2 s, and the kernel's pooled sockets are
         dead: without this, the next ping or publish fails once at random.
@@ -582,8 +751,8 @@ class LocalCluster(ClusterClient):
             return not pending
 
         if pending and not poll_until(reconnected, self.start_timeout, interval=0):
-            raise ServiceError("redis", f"restarted, but workers {sorted(pending)} did not reconnect "
-                               f"within {self.start_timeout:.0f} s", log=self.redis.log_path)
+            raise ServiceError(name, f"restarted, but workers {sorted(pending)} did not reconnect "
+                               f"within {self.start_timeout:.0f} s", log=self.service(name).log_path)
 
     def partition(self, name: str, mode: str = "hold") -> dict:
         """Cut worker ``name`` off from Redis (it must have been started with ``relay=True``).
@@ -632,7 +801,10 @@ class LocalCluster(ClusterClient):
         def pools() -> dict[str, int]:
             return {w.hostname: 1 if w.spec.pool == "solo" else w.spec.concurrency for w in self.workers.values()}
 
-        return {"queues": queues, "pools": pools}
+        options: dict[str, Any] = {"queues": queues, "pools": pools}
+        if self.rabbitmq is not None:
+            options["depths"] = QueueDepths(self.broker_url)
+        return options
 
     def logs(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of a service's log."""
@@ -649,6 +821,7 @@ class LocalCluster(ClusterClient):
             "owner_pid": os.getpid(),
             "state": self.state,
             "redis_url": self.redis_url,
+            "broker_url": self.broker_url,
             "zk_hosts": self.zk_hosts,
             "run_dir": str(self.run_dir),
             "services": self.status(),
@@ -659,6 +832,8 @@ class LocalCluster(ClusterClient):
 
     def __repr__(self) -> str:
         head = f"<LocalCluster {self.id} {self.state}: redis {self.redis_url}"
+        if self.rabbitmq is not None:
+            head += f", rabbitmq {len(self.rabbitmq.nodes)} node(s)"
         if self.zookeepers:
             head += f", zookeeper {self.zk_hosts}"
         head += f", {len(self.workers)} worker(s)"
@@ -679,6 +854,9 @@ class LocalCluster(ClusterClient):
             if s["kind"] == "flower":  # the address is a web UI: make it a link
                 url = html.escape(s["address"].split(" ", 1)[0])
                 rest[1] = f"<a href='{url}' target='_blank'>{rest[1]}</a>"
+            if s.get("management"):  # RabbitMQ's management UI
+                url = html.escape(s["management"])
+                rest[1] += f" <a href='{url}' target='_blank'>management UI</a>"
             rows.append(
                 "<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
                 + f"<td style='text-align:left;color:{colour}'><b>{html.escape(s['state'])}</b></td>"
@@ -688,6 +866,9 @@ class LocalCluster(ClusterClient):
         return (
             f"<div><b>LocalCluster {html.escape(self.id)}</b> ({html.escape(str(self.state))}{started})<br>"
             f"<code>redis_url = {html.escape(self.redis_url)}</code><br>"
+            + (f"<code>broker_url = {html.escape(self.broker_url)}</code><br>" if self.rabbitmq else "")
+            + (f"management UI: <a href='{html.escape(self.management_url)}' target='_blank'>"
+               f"{html.escape(self.management_url)}</a> (user/password guest)<br>" if self.management_url else "")
             + (f"<code>zk_hosts = {html.escape(self.zk_hosts)}</code><br>" if self.zookeepers else "")
             + f"<small>run dir: {html.escape(str(self.run_dir))}</small>"
             "<table><thead><tr><th>service</th><th>kind</th><th>state</th><th>pid</th>"

@@ -17,8 +17,8 @@ Two pieces, each a daemon thread of this (the notebook's) process:
 :class:`Dashboard`
     a monitor plus running tallies (per worker: heartbeat status, active,
     processed, failed, pool size; per task name: count, runtime p50/p95; a
-    rolling timeline of task starts/ends per worker) and Redis ``LLEN`` of the
-    queues. Displayed in Jupyter it is an ipywidgets ``HTML`` view that a
+    rolling timeline of task starts/ends per worker) and the depth of the
+    queues (Redis ``LLEN``; on RabbitMQ, a passive ``queue.declare``). Displayed in Jupyter it is an ipywidgets ``HTML`` view that a
     render thread refreshes while your cells run; a front end without widget
     support (nbval, nbconvert, GitHub) shows the static HTML summary that
     travels in the same display bundle. ``snapshot()`` returns the numbers;
@@ -235,7 +235,9 @@ class Dashboard:
     ``queues``: queue names whose depth to show, or a function returning
     them (default: asked of the workers once, ``inspect().active_queues()``);
     ``pools``: worker hostname -> pool size, or a function returning that
-    (default: asked with ``inspect().stats()``); ``interval``:
+    (default: asked with ``inspect().stats()``); ``depths``: a function
+    from queue names to messages waiting (default: Redis ``LLEN``; a
+    RabbitMQ cluster passes its own); ``interval``:
     seconds between refreshes of a displayed view; ``window``: seconds of
     timeline shown.
     """
@@ -243,7 +245,7 @@ class Dashboard:
     def __init__(self, app: Celery, redis_url: str, *, title: str = "",
                  queues: list[str] | Callable[[], list[str]] | None = None,
                  pools: dict[str, int] | Callable[[], dict[str, int]] | None = None, interval: float = 0.5, window: float = 30.0,
-                 wakeup: bool = True) -> None:
+                 wakeup: bool = True, depths: Callable[[list[str]], dict[str, int]] | None = None) -> None:
         self.app = app
         self.redis_url = redis_url
         self.title = title
@@ -254,6 +256,7 @@ class Dashboard:
         self._pool_source = pools if callable(pools) else None
         self._pools = dict(pools) if pools is not None and not callable(pools) else {}
         self._pools_asked = 0.0
+        self._depth_source = depths
         self.workers: dict[str, WorkerTally] = {}
         self.tasks: dict[str, TaskTally] = {}
         self.spans: deque[Span] = deque(maxlen=3000)
@@ -296,6 +299,9 @@ class Dashboard:
             with contextlib.suppress(Exception):
                 self._redis.close()
             self._redis = None
+        if self._depth_source is not None and hasattr(self._depth_source, "close"):
+            with contextlib.suppress(Exception):
+                self._depth_source.close()
 
     def threads(self) -> list[threading.Thread]:
         """The live threads this dashboard runs (empty once stopped)."""
@@ -369,7 +375,9 @@ class Dashboard:
         return self._queues
 
     def queue_depths(self) -> dict[str, int]:
-        """``LLEN`` of every shown queue: messages waiting in Redis, not yet taken by a worker."""
+        """Messages waiting in every shown queue, not yet taken by a worker (Redis ``LLEN`` by default)."""
+        if self._depth_source is not None:
+            return self._depth_source(self.queues())
         import redis  # noqa: PLC0415
 
         from .app import redis_from_url  # noqa: PLC0415
@@ -452,7 +460,7 @@ class Dashboard:
         tasks = Table(["task", "done", "failed", "p50 s", "p95 s"],
                       [[n, t["count"], t["failed"], t["p50_s"], t["p95_s"]] for n, t in snap["tasks"].items()],
                       title="tasks")
-        queues = Table(["queue", "waiting (LLEN)"], [[q, n] for q, n in snap["queues"].items()], title="queues")
+        queues = Table(["queue", "waiting"], [[q, n] for q, n in snap["queues"].items()], title="queues")
         return [workers, tasks, queues]
 
     def _headline(self, snap: dict[str, Any], rate: float | None = None) -> str:

@@ -166,6 +166,22 @@ def cluster(**options: Any) -> Iterator[LocalCluster]:
         yield c
 
 
+@contextlib.contextmanager
+def booting(**options: Any) -> Iterator[Any]:
+    """Like :func:`cluster`, but returned at once, still booting (``start_soon``); ``start()`` waits for it.
+
+    For a cluster a test module needs only later (a RabbitMQ node boots for
+    seconds): its boot overlaps the tests before that mostly wait.
+    """
+    from .cluster import LocalCluster  # noqa: PLC0415
+
+    c = LocalCluster(**{"reuse": False, **options, "start": False}).start_soon()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 # ============================================================================ the pool
 def _key(options: dict[str, Any]) -> str:
     return repr(sorted(options.items()))

@@ -1,6 +1,7 @@
 """Entry point for ``celery -A labkit.worker_app worker``: the app, built from the environment.
 
-The cluster passes ``LABKIT_REDIS_URL``, ``LABKIT_SETTINGS`` (JSON) and
+The cluster passes ``LABKIT_REDIS_URL``, ``LABKIT_BROKER_URL`` (set when the
+broker is not Redis), ``LABKIT_SETTINGS`` (JSON) and
 ``LABKIT_INCLUDE`` (comma-separated modules) to every worker it starts, and
 builds the notebook's own app from the same values. When a worker is ready
 (``worker_ready``) or a beat has loaded its schedule (``beat_init``) it writes
@@ -22,13 +23,14 @@ from celery.signals import beat_init, worker_init, worker_ready
 from celery.worker.control import control_command
 
 from labkit import define
-from labkit.app import env_settings, make_app, redis_url
+from labkit.app import broker_url, env_settings, make_app, redis_url
 
 _include = os.environ.get("LABKIT_INCLUDE")
 app = make_app(
     redis_url(),
     settings=env_settings(),
     include=[m for m in _include.split(",") if m] if _include is not None else None,
+    broker_url=broker_url(),
 )
 
 

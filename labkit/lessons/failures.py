@@ -20,7 +20,11 @@ lesson runs in a minute:
 * **eliminate** — Redis Sentinel fails over to the replica; a 3-node
   ZooKeeper ensemble keeps serving a lock with its leader dead;
 * **mitigate** — a pre-run check and retries with backoff turn a database
-  outage into delay.
+  outage into delay;
+* **the talk's broker** — the same visibility workload on RabbitMQ, which
+  has no visibility timeout (it redelivers when the consumer's channel or
+  connection goes away), and a three-node RabbitMQ cluster with quorum
+  queues that keeps accepting and running tasks with a node SIGKILLed.
 
 Every count comes from Redis (``HINCRBY`` by the tasks, ``LLEN`` of queues),
 from Celery's result states or from the kernel's own clock.
@@ -95,6 +99,16 @@ HA: dict[str, Any] = {
     "appendonly": True,
     "settings": {"broker_transport_options": {**TRANSPORT, "visibility_timeout": 60}, "worker_lost_wait": LOST_WAIT},
 }
+#: The talk's broker: a three-node RabbitMQ cluster (quorum queues, publisher confirms), one
+#: worker, Redis as the result backend and counter store. The main cluster's transport options
+#: travel along; RabbitMQ's transport ignores the Redis-only ones (visibility_timeout...).
+RABBIT: dict[str, Any] = {
+    "workers": [{"name": "r1", "concurrency": 4}],
+    "zookeeper": 0,
+    "broker": "rabbitmq",
+    "rabbitmq_nodes": 3,
+    "settings": {"broker_transport_options": TRANSPORT, "worker_lost_wait": LOST_WAIT},
+}
 #: A Redis with the append-only file and nothing else: the backlog experiment's "after".
 DURABLE: dict[str, Any] = {"workers": 0, "zookeeper": 0, "appendonly": True}
 WORKSHOP = {"VICTIMS": 4, "BACKLOG": 1000, "OUTAGE_S": 1.5, "TASK_S": 1.2}
@@ -153,6 +167,13 @@ def effect_once(run: str, key: str, seconds: float) -> str:
         r.hincrby(f"{run}:effects", key, 1)
     r.hincrby(f"{run}:done", key, 1)
     return key
+
+
+@shared_task(name="failures.tally")
+def tally(run: str, i: int) -> int:
+    """Count one execution of message ``i`` (a broker-failover stream: did it run, how often?)."""
+    redis_client().hincrby(f"{run}:runs", str(i), 1)
+    return i
 
 
 @shared_task(name="failures.sink")
@@ -227,7 +248,8 @@ def _publish(app: Any, queue: str, i: int, policy: dict | None) -> None:
 
 def _producer(cluster: LocalCluster):
     """A Celery app of its own for a producer thread (``restart("redis")`` resets the cluster's app)."""
-    return make_app(cluster.redis_url, settings=cluster.settings, include=[])
+    broker = cluster.broker_url if getattr(cluster, "rabbitmq", None) is not None else None
+    return make_app(cluster.redis_url, settings=cluster.settings, include=[], broker_url=broker)
 
 
 # ----------------------------------------------------------------------------- killed mid-task
@@ -437,6 +459,7 @@ def visibility(cluster: LocalCluster, *, task_s: float = 2 * VT, countdown_s: fl
     """
     run = f"vt:{uuid.uuid4().hex[:8]}"
     vt = cluster.settings.get("broker_transport_options", {}).get("visibility_timeout", 3600)
+    broker = getattr(cluster, "broker", "redis")
     sent = {
         "long": cluster.task(effect).apply_async((run, "long", task_s)),
         "idempotent": cluster.task(effect_once).apply_async((run, "idempotent", task_s)),
@@ -445,13 +468,20 @@ def visibility(cluster: LocalCluster, *, task_s: float = 2 * VT, countdown_s: fl
     poll_until(lambda: all(r.ready() for r in sent.values()), task_s + countdown_s + 30, 0.1)
     _settled(cluster, run, grace=1.0, timeout=task_s + 3 * VT + 30)
     starts, effects = _counts(cluster, run, "starts"), _counts(cluster, run, "effects")
-    prefix = label or f"visibility_timeout={vt:g} s"
+    prefix = label or (f"visibility_timeout={vt:g} s" if broker == "redis" else "RabbitMQ")
     what = {"long": f"task of {task_s:g} s", "idempotent": f"idempotent task of {task_s:g} s",
             "countdown": f"countdown={countdown_s:g} s"}
     return {key: Measurement(f"{prefix}: {what[key]}", "executions", "runs", [starts.get(key, 0)], stat="sum",
                              meta={"n": 1, "vt": vt, "effects": effects.get(key, 0), "task_s": task_s,
-                                   "countdown_s": countdown_s})
+                                   "countdown_s": countdown_s, "broker": broker})
             for key in sent}
+
+
+def visibility_each(cluster: LocalCluster, *others: LocalCluster, **params: Any) -> list[dict[str, Measurement]]:
+    """:func:`visibility` on ``cluster`` and each of ``others`` at once (each has its own broker and workers)."""
+    clusters = [cluster, *others]
+    with ThreadPoolExecutor(max_workers=len(clusters), thread_name_prefix="labkit-vt") as pool:
+        return list(pool.map(lambda c: visibility(c, **params), clusters))
 
 
 @claim("with a visibility timeout above the longest task and countdown, each task runs exactly once")
@@ -460,6 +490,23 @@ def runs_once(comparison: Comparison) -> None:
     verify("after the fix: one execution per task", a.value == a.meta["n"], executions=a.value, vt=a.meta["vt"])
     verify("before it: more executions than tasks (the redelivery the fix removes)", b.value > b.meta["n"],
            executions=b.value, vt=b.meta["vt"])
+
+
+@claim("RabbitMQ has no visibility timeout: a task longer than it, and a countdown longer than it, each run once")
+def rabbitmq_runs_once(long: Measurement, countdown: Measurement) -> None:
+    """A measured comparison of brokers, not a fix: the same tasks, the same ``visibility_timeout`` setting.
+
+    RabbitMQ tracks each delivery on the consumer's channel and redelivers it
+    only when that channel or its connection closes; kombu's ``pyamqp``
+    transport ignores ``visibility_timeout``. (RabbitMQ's own
+    ``consumer_timeout``, 30 min by default, closes the channel of a consumer
+    that holds a delivery longer: the same trap, an order of magnitude later.)
+    """
+    for m in (long, countdown):
+        verify(f"{m.label}: it outlived the visibility_timeout setting",
+               max(m.meta["task_s"], m.meta["countdown_s"]) > m.meta["vt"], task_s=m.meta["task_s"],
+               countdown_s=m.meta["countdown_s"], vt=m.meta["vt"])
+        verify(f"{m.label}: one execution", m.value == m.meta["n"], executions=m.value, broker=m.meta["broker"])
 
 
 @claim("an idempotency key keeps the side effect at one per task, however often the task runs")
@@ -592,6 +639,84 @@ def publishing_resumes(comparison: Comparison) -> None:
     verify("it resumed within the window", a.value < a.meta["window_s"], gap_s=a.value, window_s=a.meta["window_s"])
     verify("the standalone broker accepted nothing after its kill", b.meta["ok_after"] == 0,
            ok_after=b.meta["ok_after"])
+
+
+# ----------------------------------------------------------------------------- eliminate: RabbitMQ cluster
+def node_death(cluster: LocalCluster, *, window_s: float = 3.0, rate_hz: float = 10.0, lead_s: float = 0.5,
+               node: str | None = None) -> Measurement:
+    """Publish a stream of tasks the workers run; SIGKILL one RabbitMQ node mid-stream.
+
+    ``node``: which one (default: the first, every client's first URL — in
+    practice also where the queue's leader lives). Each publish retries
+    until the window closes and, on a quorum cluster, returns only once the
+    broker confirms it. Measured: seconds from the kill to the first
+    accepted publish (``window_s`` if none was), publishes accepted before
+    and after, and — counted by the tasks in Redis — acknowledged publishes
+    that never ran (``lost``) and messages that ran twice.
+    """
+    victim = node or cluster.rabbitmq_nodes[0].name
+    names = {n.node: n.name for n in cluster.rabbitmq_nodes}
+    leaders = cluster.rabbitmq_nodes[0].queue_leaders() if len(names) > 1 else {}
+    run = f"node:{uuid.uuid4().hex[:8]}"
+    app = _producer(cluster)
+    records: list[dict] = []
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    t_kill = t0 + lead_s
+
+    def publish(i: int) -> None:
+        sent = time.monotonic()
+        left = max(0.0, t_kill + window_s - sent)
+        policy = {"max_retries": math.ceil(left / 0.1), "interval_start": 0, "interval_step": 0.05,
+                  "interval_max": 0.1}
+        try:
+            with app.connection_for_write() as conn:
+                app.send_task("failures.tally", (run, i), connection=conn, ignore_result=True,
+                              retry_policy=policy)
+            ok = True
+        except Exception:
+            ok = False
+        with lock:
+            records.append({"i": i, "sent": sent - t_kill, "acked": time.monotonic() - t_kill, "ok": ok})
+
+    n = round((lead_s + window_s) * rate_hz)
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="labkit-stream")
+    killed = False
+    try:
+        for i in range(n):
+            poll_until(lambda i=i: time.monotonic() >= t0 + i / rate_hz, 10, 0.002)
+            if not killed and time.monotonic() >= t_kill:
+                cluster.kill(victim)
+                killed = True
+            pool.submit(publish, i)
+    finally:
+        pool.shutdown(wait=True)
+        app.close()
+    acked = {x["i"] for x in records if x["ok"]}
+    poll_until(lambda: acked <= {int(k) for k in _counts(cluster, run, "runs")}, window_s + 20, 0.1,
+               alive=lambda: any(n.alive() for n in cluster.rabbitmq_nodes))  # no broker left: nothing will run
+    time.sleep(0.5)  # a redelivered duplicate arrives within moments of the failover
+    runs = {int(k): v for k, v in _counts(cluster, run, "runs").items()}
+    ok_after = sorted(x["acked"] for x in records if x["ok"] and x["acked"] >= 0)
+    nodes = len(cluster.rabbitmq_nodes)
+    return Measurement(f"RabbitMQ, {nodes} node{'s' if nodes > 1 else ''}: {victim} killed",
+                       "time until publishing resumed", "s", [ok_after[0] if ok_after else window_s], stat="max",
+                       meta={"n": len(records), "acked": len(acked), "ok_before": len(acked) - len(ok_after),
+                             "ok_after": len(ok_after), "resumed": bool(ok_after), "window_s": window_s,
+                             "lost": len(acked - set(runs)), "twice": sum(1 for v in runs.values() if v > 1),
+                             "ran_unacked": len(set(runs) - acked), "killed": victim, "nodes": nodes,
+                             "leader": names.get(leaders.get("celery", ""), "-"),
+                             "timeline": [(x["sent"], x["acked"], x["ok"]) for x in records]})
+
+
+@claim("a three-node RabbitMQ cluster with quorum queues keeps accepting and running tasks with a node "
+       "SIGKILLed; no acknowledged publish is lost")
+def quorum_survives_a_node(m: Measurement) -> None:
+    x = m.meta
+    verify(f"{m.label}: publishes were accepted again after the kill", x["resumed"] and x["ok_after"] > 0,
+           ok_after=x["ok_after"], gap_s=m.value)
+    verify("within the window", m.value < x["window_s"], gap_s=m.value, window_s=x["window_s"])
+    verify("every acknowledged publish ran", x["lost"] == 0, lost=x["lost"], acked=x["acked"])
 
 
 # ----------------------------------------------------------------------------- eliminate: ZooKeeper
@@ -772,7 +897,7 @@ def plot_failover(measurements: list[Measurement]):
             ax.plot([sent, acked], [k, k], color=colour_for(m.label, i) if ok else "black", lw=1.2,
                     alpha=0.9 if ok else 0.4)
         ax.axvline(0, color="black", lw=1)
-        ax.annotate(" primary killed", (0, len(m.meta["timeline"]) * 0.95), fontsize=8)
+        ax.annotate(" killed", (0, len(m.meta["timeline"]) * 0.95), fontsize=8)
         style(ax, f"{m.label}: resumed after {m.value:.2f} s" if m.meta["resumed"]
               else f"{m.label}: nothing accepted", "publish #", "seconds since the kill (line: sent → accepted)")
     return fig

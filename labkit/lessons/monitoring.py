@@ -19,6 +19,13 @@ every task, and (unless ``--without-heartbeat``) a ``worker-heartbeat`` every
   ``task-sent`` events; "before" is the kit's default worker (no
   heartbeats) and a producer with Celery's default (no ``task-sent``).
 
+* **the broker's own view** (:data:`RABBIT`, a second cluster whose broker
+  is RabbitMQ with its management plugin — the talk's "pre-baked monitoring
+  tool" for its broker): a hung worker's queue as the management HTTP API
+  counts it (ready + unacknowledged messages, consumers), next to the kit's
+  dashboard (a passive ``queue.declare``: ready messages only) and to
+  events without ``task-sent`` (nothing).
+
 Tasks count their own completions in Redis (``INCR``), so throughput does
 not depend on the result backend or on the events being measured.
 """
@@ -56,6 +63,15 @@ CLUSTER = {
     "events": True,
 }
 WORKSHOP = {"N": 500, "BURST": 400, "FLOOD": 400, "THRESHOLD": 200, "WORKLOAD": 300}
+HUNG_Q = "monitoring.hung"
+#: The broker's view: RabbitMQ with its management plugin, one worker with task events.
+RABBIT = {
+    "workers": [{"name": "r1", "queues": ["celery", HUNG_Q]}],
+    "zookeeper": 0,
+    "events": True,
+    "broker": "rabbitmq",
+    "management": True,
+}
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -379,6 +395,87 @@ def alerts_table(results: dict[str, Measurement]) -> Table:
                      m.value if x["fired"] else None])
     return Table(["rule", "side", "setup", "target", "truth", "alert fired", "time to alert s"], rows,
                  title=f"alerts within a {next(iter(results.values())).meta['window']:g} s window")
+
+
+# ----------------------------------------------------------------------------- the broker's view (RabbitMQ)
+def hung_queue(cluster: LocalCluster, *, flood: int = 200, worker: str = "r1", settle: float = 15.0
+               ) -> dict[str, Measurement]:
+    """Pause (SIGSTOP) ``worker``, send ``flood`` tasks to its queue, and count them three ways.
+
+    ``"events"``: task-sent minus task-received, from an event monitor that
+    listened throughout (the producer is ``cluster.app``: Celery's default,
+    no ``task-sent``); ``"dashboard"``: the kit's dashboard's depth column
+    (a passive ``queue.declare``: messages *ready*); ``"management"``: the
+    management plugin's ``/api/queues`` (ready + unacknowledged). The
+    management plugin's numbers are statistics refreshed every 0.5 s here
+    (``collect_statistics_interval``; 5 s by default); all three are read
+    once they have stopped changing. Then the queue is purged and the worker resumed.
+    """
+    from labkit.dashboard import EventMonitor  # noqa: PLC0415
+
+    depth = _QueueDepth()
+    monitor = EventMonitor(cluster.app, wakeup=False, callbacks=[depth], name="labkit-hung-monitor").start()
+    dashboard = cluster.dashboard()
+    path = "/api/queues/%2F/" + HUNG_Q.replace(".", "%2E")
+    last: dict[str, Any] = {"key": None, "since": 0.0}
+    t0 = time.monotonic()
+
+    def read() -> dict[str, Any]:
+        q = cluster.management_api(path)
+        with monitor.lock:
+            events = depth.depth[HUNG_Q]
+        return {"ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0),
+                "consumers": q.get("consumers", 0), "dashboard": dashboard.queue_depths().get(HUNG_Q, -1),
+                "events": events}
+
+    def stable() -> dict[str, Any] | None:
+        now = read()
+        key = tuple(sorted(now.items()))
+        if key != last["key"]:
+            last.update(key=key, since=time.monotonic())
+        # unchanged across more than two statistics refreshes (every 0.5 s): the numbers have caught up
+        return now if time.monotonic() - last["since"] >= 1.2 and now["ready"] + now["unacked"] > 0 else None
+
+    try:
+        cluster.pause(worker)
+        for _ in range(flood):
+            cluster.task(noop).apply_async(("monitoring:hung",), queue=HUNG_Q)
+        sent_in = time.monotonic() - t0
+        seen = poll_until(stable, settle, 0.2) or read()
+    finally:
+        with cluster.app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(HUNG_Q)
+        cluster.resume(worker)
+        monitor.stop()
+    common = {"flood": flood, "worker": worker, "sent_in": sent_in, "read_after": time.monotonic() - t0, **seen}
+    return {
+        "events": Measurement("events, producer without task-sent", "messages counted", "messages",
+                              [seen["events"]], meta={**common, "view": "events"}),
+        "dashboard": Measurement("kit dashboard: ready (queue.declare)", "messages counted", "messages",
+                                 [seen["dashboard"]], meta={**common, "view": "dashboard"}),
+        "management": Measurement("management plugin: ready + unacknowledged", "messages counted", "messages",
+                                  [seen["ready"] + seen["unacked"]], meta={**common, "view": "management"}),
+    }
+
+
+@claim("the broker's own view counts a hung worker's whole backlog — what waits and what the worker holds — "
+       "and still lists the hung worker as a consumer")
+def broker_counts_the_backlog(m: Measurement) -> None:
+    """A measured comparison of views, not a fix: the same check fails on the dashboard's and the events' counts."""
+    x = m.meta
+    verify(f"{m.label}: every message sent to the hung worker's queue is counted", m.value == x["flood"],
+           counted=m.value, flood=x["flood"], ready=x["ready"], unacked=x["unacked"])
+    verify("the hung worker still holds a consumer and the messages prefetched to it",
+           x["consumers"] >= 1 and x["unacked"] > 0, consumers=x["consumers"], unacked=x["unacked"])
+
+
+def views_table(views: dict[str, Measurement]) -> Table:
+    """One row per view of the hung worker's queue."""
+    x = next(iter(views.values())).meta
+    rows = [[m.label, m.value] for m in views.values()]
+    return Table(["view", "messages counted"], rows,
+                 title=f"{x['flood']} tasks sent to the paused {x['worker']}'s queue; the broker says "
+                       f"{x['ready']} ready, {x['unacked']} unacknowledged, {x['consumers']} consumer(s)")
 
 
 # ----------------------------------------------------------------------------- workload + Flower

@@ -25,6 +25,14 @@ cluster, not from a model of it.
   in a busy worker's buffer while the other worker idles. Cures:
   ``--disable-prefetch`` (Celery 5.6+, Redis only) or ``acks_late`` with
   ``--prefetch-multiplier 1``.
+* **Prefetch on RabbitMQ** (:data:`RABBIT`, the same :func:`prefetch` on a
+  second cluster whose broker is RabbitMQ): there the prefetch limit is the
+  broker's (AMQP ``basic.qos``: at most N unacknowledged messages per
+  consumer) and messages go round-robin to consumers with room, where
+  kombu's Redis transport emulates both in the client (it stops ``BRPOP``-ing
+  at the limit; Redis serves the longest waiter). ``--disable-prefetch`` is
+  implemented only for Redis: on RabbitMQ the worker logs a warning and
+  hoards as before; ``acks_late`` + multiplier 1 works on both.
 * **Autoscale** (:func:`burst`): ``--autoscale=4,1`` grows the pool on a
   burst and shrinks it again once no task has arrived for
   ``AUTOSCALE_KEEPALIVE`` seconds (an environment variable, 30 by default).
@@ -97,6 +105,11 @@ def _workers() -> list[dict[str, Any]]:
 
 
 CLUSTER: dict[str, Any] = {"workers": _workers(), "zookeeper": 0}
+#: The RabbitMQ comparison: the two prefetch fixes' worker pairs, with RabbitMQ as the broker.
+RABBIT: dict[str, Any] = {"workers": [w for w in _workers() if w["name"] in ("d1", "d2", "a1", "a2")],
+                          "zookeeper": 0, "broker": "rabbitmq"}
+#: What a worker on RabbitMQ logs when it is asked to --disable-prefetch (Celery 5.6+).
+REDIS_ONLY_WARNING = "worker_disable_prefetch is only supported for Redis brokers"
 WORKSHOP = {"LONGS": 6, "SHORTS": 30, "PAIRS": 10, "BURST": 12}
 
 
@@ -265,10 +278,27 @@ def prefetch(cluster: ClusterLike, mode: str = "default", *, pairs: int = 6, lon
     records = collect(cluster, run, len(jobs), 30 + 3 * pairs * (long_s + short_s))
     slots = _slots(cluster, cfg["workers"])
     meta = {"mode": mode, "pairs": pairs, "long_s": long_s, "short_s": short_s, "spacing": spacing,
-            "slots": slots, "snapshot": snapshot, "snapshot_at": snap_at, **summary(records, t0, slots)}
+            "slots": slots, "snapshot": snapshot, "snapshot_at": snap_at, **summary(records, t0, slots),
+            "broker": getattr(cluster, "broker", "redis"), "prefetch_count": _prefetch_counts(cluster, cfg["workers"]),
+            "warned": _warned(cluster, cfg["workers"])}
     meta["longs_per_worker"] = {w: sum(1 for r in records if r["worker"] == w and kind(r["tag"]) == "long")
                                 for w in slots}
     return Measurement(label or LABELS[mode], "makespan", "s", [meta["makespan"]], stat="max", meta=meta)
+
+
+def _prefetch_counts(cluster: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The prefetch limit each worker applies (``inspect().stats()``: ``prefetch_count``)."""
+    hosts = {f"{n}@{cluster.id}": n for n in names}
+    stats = cluster.app.control.inspect(destination=list(hosts), timeout=1.0).stats() or {}
+    return {hosts[h]: s.get("prefetch_count") for h, s in stats.items() if h in hosts}
+
+
+def _warned(cluster: Any, names: Sequence[str]) -> list[str]:
+    """The workers whose log says ``--disable-prefetch`` does not apply to their broker."""
+    logs = getattr(cluster, "logs", None)
+    if logs is None:  # an attached cluster: its logs are not ours to read
+        return []
+    return [n for n in names if REDIS_ONLY_WARNING in logs(n, 400)]
 
 
 def compare_prefetch(cluster: ClusterLike, fix: str = "disabled", **params: Any) -> Comparison:
@@ -399,6 +429,21 @@ def no_hoarding(comparison: Comparison) -> None:
            a["hoarded"] <= long_s / 10, hoarded_slot_s=a["hoarded"], long_s=long_s)
 
 
+@claim("--disable-prefetch is Redis-only: on RabbitMQ a busy worker still holds tasks another could run")
+def disable_prefetch_is_redis_only(m: Measurement) -> None:
+    """A measured comparison of brokers, not a fix: the same flag and batch that end hoarding on Redis.
+
+    On RabbitMQ the workers warn that they ignore the flag, and processes
+    sit idle while the other worker holds tasks for at least a long task's time.
+    """
+    x = m.meta
+    verify("this is a --disable-prefetch run", x["mode"] == "disabled", mode=x["mode"])
+    verify(f"{m.label}: processes idled while the other worker hoarded, for a long task's time or more",
+           x["hoarded"] >= x["long_s"], hoarded_slot_s=x["hoarded"], long_s=x["long_s"], broker=x["broker"])
+    verify("every worker warned that --disable-prefetch does not apply to its broker",
+           sorted(x["warned"]) == sorted(x["slots"]), warned=x["warned"], workers=sorted(x["slots"]))
+
+
 @claim("autoscale grows the pool for a burst and shrinks it back after the keepalive")
 def autoscale_follows_the_load(m: Measurement) -> None:
     """The pool reached its maximum during the burst and returned to its minimum, not before the keepalive."""
@@ -428,6 +473,20 @@ def table(measurements: Sequence[Measurement]) -> Table:
     return Table(["run", "short wait p50 [s]", "short wait p95 [s]", "short done p95 [s]",
                   "longs done [s]", "makespan [s]", "busy", "idle while tasks waited [slot-s]",
                   "... while another worker held them [slot-s]"], rows)
+
+
+def broker_table(measurements: Sequence[Measurement]) -> Table:
+    """Prefetch runs side by side: broker, the limit each worker applied, who warned, hoarding, makespan."""
+    from labkit.table import Table  # noqa: PLC0415
+
+    rows = []
+    for m in measurements:
+        x = m.meta
+        limits = ", ".join(f"{w} {n}" for w, n in sorted(x["prefetch_count"].items()))
+        longs = ", ".join(f"{w} {n}" for w, n in sorted(x["longs_per_worker"].items()))
+        rows.append([m.label, x["broker"], limits, longs, ", ".join(x["warned"]) or "-", x["hoarded"], x["makespan"]])
+    return Table(["run", "broker", "prefetch_count", "long tasks run by", "warned: Redis-only",
+                  "idle while another worker held tasks [slot-s]", "makespan [s]"], rows)
 
 
 def snapshot_table(m: Measurement) -> Table:

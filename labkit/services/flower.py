@@ -23,7 +23,10 @@ Two defaults are changed here, on purpose:
 Ready means its HTTP API answers an authenticated ``GET /api/workers`` *and*
 one of its Redis connections is subscribed to the event channel (``CLIENT
 LIST`` shows it in pub/sub mode). The API answers a moment before Flower
-subscribes; tasks run in that moment would never reach it.
+subscribes; tasks run in that moment would never reach it. On a RabbitMQ
+broker the second check is weaker: Flower holds a connection to the broker
+(its event consumer opens one; RabbitMQ offers no cheap per-client view
+like ``CLIENT LIST`` without the management plugin).
 """
 
 from __future__ import annotations
@@ -96,10 +99,17 @@ class FlowerService(CeleryService):
         return self.subscribed()
 
     def subscribed(self) -> bool:
-        """True when a Redis connection of this process is subscribed (Flower receives events)."""
+        """True when a Redis connection of this process is subscribed (Flower receives events).
+
+        With a RabbitMQ broker: when this process holds a connection to a broker node.
+        """
         from ..app import redis_from_url  # noqa: PLC0415
 
-        ports = {c.laddr.port for c in psutil.Process(self.pid).net_connections("tcp") if c.raddr}
+        conns = psutil.Process(self.pid).net_connections("tcp")
+        if self.broker_url:
+            brokers = {int(u.rsplit(":", 1)[1].split("/", 1)[0]) for u in self.broker_url.split(";")}
+            return any(c.raddr and c.raddr.port in brokers and c.status == psutil.CONN_ESTABLISHED for c in conns)
+        ports = {c.laddr.port for c in conns if c.raddr}
         master = self.settings.get("broker_transport_options", {}).get("master_name")
         client = redis_from_url(self.redis_url, master, socket_timeout=2, socket_connect_timeout=2)
         try:

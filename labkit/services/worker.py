@@ -100,11 +100,12 @@ class CeleryService(Service):
 
     Everything a Celery process of the cluster must agree on travels in its
     environment (read back by :mod:`labkit.worker_app`): the Redis URL, the
-    shared settings, the modules to import, ZooKeeper's address, a private
+    broker's URL when it is not Redis, the shared settings, the modules to import, ZooKeeper's address, a private
     "local disk", a ready-file path and an optional wall-clock skew.
     """
 
     redis_url: str = ""
+    broker_url: str = ""  # empty: the broker is Redis (redis_url)
     zk_hosts: str = ""
     settings: dict = field(default_factory=dict)
     include: list[str] | None = None
@@ -128,6 +129,7 @@ class CeleryService(Service):
     def environment(self) -> dict[str, str]:
         env = {
             "LABKIT_REDIS_URL": self.redis_url,
+            "LABKIT_BROKER_URL": self.broker_url,
             "LABKIT_ZK_HOSTS": self.zk_hosts,
             "LABKIT_SETTINGS": json.dumps(self.settings),
             "LABKIT_LOCAL_DIR": str(self.local_dir),

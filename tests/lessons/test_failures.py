@@ -3,20 +3,34 @@
 Three clusters, each started once: the everyday one (standalone Redis without
 persistence, one ZooKeeper, a partitionable worker), a Redis with the
 append-only file, and the hardened one (Sentinel, a 3-node ensemble, a long
-visibility timeout). The negative controls reuse the "before" runs.
+visibility timeout), plus two RabbitMQ clusters (three quorum nodes, and one
+node for its negative control) that boot in the background from the start.
+The negative controls reuse the "before" runs.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from labkit import LocalCluster
+from labkit import LocalCluster, testing
 from labkit.lessons import failures
 from labkit.measure import Comparison
 
 pytestmark = pytest.mark.cluster
 
 VICTIMS, TASK_S, BACKLOG, OUTAGE_S, WINDOW_S, FAILOVER_S = 2, 1.0, 100, 1.0, 2.0, 10.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def rabbit_soon():
+    """Both RabbitMQ clusters boot from the start, while the Redis experiments (mostly waiting) run,
+    as notebook 10 boots its own: three quorum nodes, and the single node of the negative control
+    (no worker: what it measures is whether the broker accepts publishes)."""
+    with testing.booting(**failures.RABBIT) as three, \
+            testing.booting(**{**failures.RABBIT, "rabbitmq_nodes": 1, "workers": 0}) as single:
+        yield {"three": three, "single": single}
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +51,12 @@ def everyday():
 
 
 @pytest.fixture(scope="module")
-def hardened():
+def hardened(rabbit_soon):
+    """The hardened cluster; its visibility run and the three-node RabbitMQ cluster's run at once, as in the notebook."""
     with LocalCluster(**failures.HA, reuse=False) as ha:
+        vt, rabbit_soon["vt"] = failures.visibility_each(ha, rabbit_soon["three"].start())
         yield {
-            "vt": failures.visibility(ha),
+            "vt": vt,
             "failover": failures.failover(ha, window_s=FAILOVER_S),
             "one_down": failures.lock_service(ha, kill=1, window_s=WINDOW_S),
             "two_down": failures.lock_service(ha, kill=1, window_s=WINDOW_S),
@@ -148,3 +164,56 @@ def test_failures_claim_fails_without_the_fix_no_quorum(hardened):
     two = hardened["two_down"]
     with pytest.raises(AssertionError, match="locks are still served"):
         failures.ensemble_survives(Comparison(two, two))
+
+
+# ----------------------------------------------------------------------------- the talk's broker: RabbitMQ
+@pytest.fixture(scope="module")
+def rabbit(rabbit_soon):
+    """The three-node RabbitMQ cluster (quorum queues): visibility, then a node's death; meanwhile, on
+    the single node, the negative control's death (another broker: the two runs share nothing)."""
+    with rabbit_soon["three"].start() as r, rabbit_soon["single"].start() as single, \
+            ThreadPoolExecutor(1, thread_name_prefix="labkit-single") as pool:
+        single_death = pool.submit(failures.node_death, single, window_s=WINDOW_S)
+        nodes = r.rabbitmq_nodes
+        yield {
+            "broker_url": r.broker_url,
+            "members": {n.node: sorted(n.running_nodes()) for n in nodes},
+            "types": nodes[0].queue_types(),
+            "vt": rabbit_soon.get("vt") or failures.visibility(r),  # measured next to the hardened cluster's
+            "death": failures.node_death(r, window_s=WINDOW_S),
+            "single_death": single_death.result(),
+        }
+
+
+def test_failures_three_rabbitmq_nodes_form_one_cluster(rabbit):
+    """Every node sees all three running (the suite's only three-node cluster: the service is tested here)."""
+    names = sorted(rabbit["members"])
+    assert len(names) == 3 and all(seen == names for seen in rabbit["members"].values()), rabbit["members"]
+    assert rabbit["broker_url"].count(";") == 2  # Celery fails over along the three nodes' URLs
+
+
+def test_failures_rabbitmq_has_no_visibility_timeout(rabbit):
+    vt = rabbit["vt"]
+    assert {m.meta["broker"] for m in vt.values()} == {"rabbitmq"} and rabbit["types"]["celery"] == "quorum"
+    failures.rabbitmq_runs_once(vt["long"], vt["countdown"])
+    failures.effects_once(vt["long"])  # once, so no idempotency key was needed
+
+
+def test_failures_claim_fails_without_the_fix_visibility_timeout_on_redis(everyday):
+    """The same check on the Redis run of the same workload: the visibility timeout ran both tasks again."""
+    with pytest.raises(AssertionError, match="one execution"):
+        failures.rabbitmq_runs_once(everyday["vt"]["long"], everyday["vt"]["countdown"])
+
+
+def test_failures_quorum_cluster_survives_a_node(rabbit):
+    m = rabbit["death"]
+    failures.quorum_survives_a_node(m)
+    assert m.meta["killed"] == "rabbit1" and m.meta["ok_before"] > 0
+
+
+def test_failures_claim_fails_without_the_fix_single_rabbitmq_node(rabbit):
+    """One RabbitMQ node is a single point of failure like one Redis: after its death nothing is accepted."""
+    m = rabbit["single_death"]
+    assert m.meta["nodes"] == 1 and m.meta["ok_before"] > 0 and m.meta["ok_after"] == 0
+    with pytest.raises(AssertionError, match="accepted again"):
+        failures.quorum_survives_a_node(m)

@@ -37,7 +37,14 @@ def seen(cluster):
 
 
 @pytest.fixture(scope="module")
-def fired(cluster):
+def rabbit_soon():
+    """The RabbitMQ cluster of the last section, booting from the alerts on (they mostly wait)."""
+    with testing.booting(**monitoring.RABBIT) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def fired(cluster, rabbit_soon):
     return monitoring.alerts(cluster, flood=FLOOD, threshold=THRESHOLD)
 
 
@@ -108,3 +115,24 @@ def test_flower_dashboard_and_inspect_agree_on_a_workload(cluster, dashboard, fi
         name, _status, processed, _failed, flower_total, *_rest, inspect_total = row
         if name in ("w1", "w2"):
             assert processed == inspect_total == flower_total, table
+
+
+# ----------------------------------------------------------------------------- the broker's own view (RabbitMQ)
+@pytest.fixture(scope="module")
+def hung(rabbit_soon):
+    with rabbit_soon.start() as r:
+        assert r.management_url.startswith("http://127.0.0.1:")
+        yield monitoring.hung_queue(r, flood=120)
+
+
+def test_the_management_plugin_counts_a_hung_workers_backlog(hung):
+    monitoring.broker_counts_the_backlog(hung["management"])
+    m = hung["management"].meta
+    assert hung["dashboard"].value == m["ready"] < m["flood"]  # the dashboard's depth is the ready part
+
+
+@pytest.mark.parametrize("view", ["events", "dashboard"])
+def test_monitoring_claim_fails_without_the_fix_other_views(hung, view):
+    """The same check on the events' count (nothing) and on the ready count alone (not the prefetch)."""
+    with pytest.raises(AssertionError, match="every message sent"):
+        monitoring.broker_counts_the_backlog(hung[view])

@@ -34,7 +34,14 @@ def prefetch(cluster):
 
 
 @pytest.fixture(scope="module")
-def bursts(cluster):
+def rabbit_soon():
+    """The RabbitMQ cluster of the last section, booting from the autoscale bursts on (they mostly wait)."""
+    with testing.booting(**queues.RABBIT) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def bursts(cluster, rabbit_soon):
     return {"auto": queues.burst(cluster, "auto"), "fixed": queues.burst(cluster, "mixed")}
 
 
@@ -118,3 +125,32 @@ def test_autoscale_follows_the_load(bursts):
 def test_queues_claim_fails_without_the_fix_fixed_pool(bursts):
     with pytest.raises(AssertionError, match="grew to its maximum"):
         queues.autoscale_follows_the_load(bursts["fixed"])
+
+
+# ----------------------------------------------------------------------------- prefetch on RabbitMQ
+@pytest.fixture(scope="module")
+def rabbit_prefetch(rabbit_soon):
+    """The two prefetch fixes on a cluster whose broker is RabbitMQ (AMQP basic.qos)."""
+    with rabbit_soon.start() as c:
+        yield {mode: queues.prefetch(c, mode) for mode in ("disabled", "late")}
+
+
+def test_disable_prefetch_is_ignored_on_rabbitmq(rabbit_prefetch):
+    m = rabbit_prefetch["disabled"]
+    assert m.meta["broker"] == "rabbitmq"
+    queues.disable_prefetch_is_redis_only(m)
+    assert set(m.meta["prefetch_count"].values()) == {8}  # multiplier 4 x 2 processes, as without the flag
+
+
+def test_queues_claim_fails_without_the_fix_disable_prefetch_works_on_redis(prefetch):
+    """The same check on the Redis run, where the flag does what it says: no hoarding, no warning."""
+    assert prefetch["disabled"].meta["broker"] == "redis"
+    with pytest.raises(AssertionError, match="idled while the other worker hoarded"):
+        queues.disable_prefetch_is_redis_only(prefetch["disabled"])
+
+
+def test_acks_late_and_multiplier_one_ends_hoarding_on_rabbitmq_too(rabbit_prefetch):
+    comparison = Comparison(rabbit_prefetch["disabled"], rabbit_prefetch["late"])
+    queues.prefetch_fix_shortens_makespan(comparison)
+    queues.no_hoarding(comparison)
+    assert set(rabbit_prefetch["late"].meta["prefetch_count"].values()) == {2}  # 1 x 2 processes
