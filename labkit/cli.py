@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run each notebook at its defaults (small) instead of its lesson's WORKSHOP values")
     p.add_argument("--report", default="labkit-preflight.html", help="the HTML report to write")
     p.add_argument("--json", action="store_true", help="print the report's data as JSON on stdout")
-    p.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="notebooks run at once (default: 2 where there are 2 cores or more, so each "
+                        "lesson also runs under another's load, as on a busy laptop; 1 runs them alone)")
     p.add_argument("--timeout", type=int, default=240, help="seconds one cell may run")
     p.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"),
                    help="the directory holding the lesson notebooks")
