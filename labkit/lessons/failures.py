@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +251,58 @@ def _producer(cluster: LocalCluster):
     """A Celery app of its own for a producer thread (``restart("redis")`` resets the cluster's app)."""
     broker = cluster.broker_url if getattr(cluster, "rabbitmq", None) is not None else None
     return make_app(cluster.redis_url, settings=cluster.settings, include=[], broker_url=broker)
+
+
+def _stream_through_kill(cluster: LocalCluster, victim: str, send: Callable[[Any, int, dict], None], *,
+                         window_s: float, rate_hz: float, lead_s: float,
+                         tail_s: float | None = None) -> list[dict]:
+    """Publish ``rate_hz`` messages a second, SIGKILL ``victim`` ``lead_s`` in, go on for ``window_s``.
+
+    Each message is ``send(app, i, retry_policy)`` in a thread of its own,
+    retrying until the window closes. With ``tail_s`` the stream stops once
+    publishes have been accepted again for that long. Returns one record per
+    message: ``sent`` and ``acked`` (seconds relative to the kill) and ``ok``.
+    """
+    app = _producer(cluster)
+    records: list[dict] = []
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    t_kill = t0 + lead_s
+
+    def publish(i: int) -> None:
+        sent = time.monotonic()
+        left = max(0.0, t_kill + window_s - sent)  # retry only until the window closes
+        policy = {"max_retries": math.ceil(left / 0.1), "interval_start": 0, "interval_step": 0.05,
+                  "interval_max": 0.1}
+        try:
+            send(app, i, policy)
+            ok = True
+        except Exception:
+            ok = False
+        with lock:
+            records.append({"i": i, "sent": sent - t_kill, "acked": time.monotonic() - t_kill, "ok": ok})
+
+    def resumed_for(seconds: float) -> bool:
+        with lock:
+            after = [x["acked"] for x in records if x["ok"] and x["acked"] >= 0]
+        return bool(after) and time.monotonic() - t_kill >= min(after) + seconds
+
+    n = round((lead_s + window_s) * rate_hz)
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="labkit-stream")
+    killed = False
+    try:
+        for i in range(n):
+            if killed and tail_s is not None and resumed_for(tail_s):
+                break
+            poll_until(lambda i=i: time.monotonic() >= t0 + i / rate_hz, 10, 0.002)
+            if not killed and time.monotonic() >= t_kill:
+                cluster.kill(victim)
+                killed = True
+            pool.submit(publish, i)
+    finally:
+        pool.shutdown(wait=True)
+        app.close()
+    return records
 
 
 # ----------------------------------------------------------------------------- killed mid-task
@@ -571,46 +624,8 @@ def failover(cluster: LocalCluster, *, window_s: float = 10.0, rate_hz: float = 
                          f"({group.failover_bound_s():g} s: detection, one failed election and its retry); "
                          f"use window_s >= {group.failover_bound_s():g}")
     q = f"stream.{uuid.uuid4().hex[:6]}"
-    app = _producer(cluster)
-    records: list[dict] = []
-    lock = threading.Lock()
-    t0 = time.monotonic()
-    t_kill = t0 + lead_s
-
-    def publish(i: int) -> None:
-        sent = time.monotonic()
-        left = max(0.0, t_kill + window_s - sent)  # retry only until the window closes
-        policy = {"max_retries": math.ceil(left / 0.1), "interval_start": 0, "interval_step": 0.05,
-                  "interval_max": 0.1}
-        try:
-            _publish(app, q, i, policy)
-            ok = True
-        except Exception:
-            ok = False
-        with lock:
-            records.append({"i": i, "sent": sent - t_kill, "acked": time.monotonic() - t_kill, "ok": ok})
-
-    n = round((lead_s + window_s) * rate_hz)
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="labkit-stream")
-    killed = False
-
-    def resumed_for(seconds: float) -> bool:
-        with lock:
-            after = [x["acked"] for x in records if x["ok"] and x["acked"] >= 0]
-        return bool(after) and time.monotonic() - t_kill >= min(after) + seconds
-
-    try:
-        for i in range(n):
-            if killed and resumed_for(tail_s):
-                break
-            poll_until(lambda i=i: time.monotonic() >= t0 + i / rate_hz, 10, 0.002)
-            if not killed and time.monotonic() >= t_kill:
-                cluster.kill("redis")
-                killed = True
-            pool.submit(publish, i)
-    finally:
-        pool.shutdown(wait=True)
-        app.close()
+    records = _stream_through_kill(cluster, "redis", lambda app, i, policy: _publish(app, q, i, policy),
+                                   window_s=window_s, rate_hz=rate_hz, lead_s=lead_s, tail_s=tail_s)
     ha = getattr(cluster, "sentinel", None) is not None
     present = None
     if ha:
@@ -658,40 +673,12 @@ def node_death(cluster: LocalCluster, *, window_s: float = 3.0, rate_hz: float =
     names = {n.node: n.name for n in cluster.rabbitmq_nodes}
     leaders = cluster.rabbitmq_nodes[0].queue_leaders() if len(names) > 1 else {}
     run = f"node:{uuid.uuid4().hex[:8]}"
-    app = _producer(cluster)
-    records: list[dict] = []
-    lock = threading.Lock()
-    t0 = time.monotonic()
-    t_kill = t0 + lead_s
 
-    def publish(i: int) -> None:
-        sent = time.monotonic()
-        left = max(0.0, t_kill + window_s - sent)
-        policy = {"max_retries": math.ceil(left / 0.1), "interval_start": 0, "interval_step": 0.05,
-                  "interval_max": 0.1}
-        try:
-            with app.connection_for_write() as conn:
-                app.send_task("failures.tally", (run, i), connection=conn, ignore_result=True,
-                              retry_policy=policy)
-            ok = True
-        except Exception:
-            ok = False
-        with lock:
-            records.append({"i": i, "sent": sent - t_kill, "acked": time.monotonic() - t_kill, "ok": ok})
+    def tally(app: Any, i: int, policy: dict) -> None:
+        with app.connection_for_write() as conn:
+            app.send_task("failures.tally", (run, i), connection=conn, ignore_result=True, retry_policy=policy)
 
-    n = round((lead_s + window_s) * rate_hz)
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="labkit-stream")
-    killed = False
-    try:
-        for i in range(n):
-            poll_until(lambda i=i: time.monotonic() >= t0 + i / rate_hz, 10, 0.002)
-            if not killed and time.monotonic() >= t_kill:
-                cluster.kill(victim)
-                killed = True
-            pool.submit(publish, i)
-    finally:
-        pool.shutdown(wait=True)
-        app.close()
+    records = _stream_through_kill(cluster, victim, tally, window_s=window_s, rate_hz=rate_hz, lead_s=lead_s)
     acked = {x["i"] for x in records if x["ok"]}
     poll_until(lambda: acked <= {int(k) for k in _counts(cluster, run, "runs")}, window_s + 20, 0.1,
                alive=lambda: any(n.alive() for n in cluster.rabbitmq_nodes))  # no broker left: nothing will run
