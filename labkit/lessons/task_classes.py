@@ -2,25 +2,9 @@
 
 The 2014 talk (slides 45–53) recommends an "abstract" base class for tasks
 that share boilerplate: a database connection created lazily in a ``db``
-property, and custom handlers. Its slide, with ``Database.connect()`` and
-``send_email()`` as stand-ins::
-
-    class DBTask(celery.Task):
-        abstract = True
-        _db = None
-
-        @property
-        def db(self):
-            if self._db is None:
-                self._db = Database.connect()
-            return self._db
-
-        def after_failure(self, *args, **kwargs):
-            send_email('The task failed!')
-
-    @app.task(base=DebugTask)
-    def get_data(table_name):
-        return get_data.db.table(table_name).all()
+property, and custom handlers. The slide is ``SLIDE`` below, as printed
+(``Database.connect()`` and ``send_email()`` are its stand-ins);
+:func:`run_the_slide` executes it.
 
 What this module measures, with the cluster's Redis standing in for "the
 database" (each connection is a named Redis client, so Redis itself counts
