@@ -788,7 +788,16 @@ class LocalCluster(ClusterClient):
 
     # ------------------------------------------------------------------ clients
     def _ping_one(self, hostname: str, timeout: float) -> bool:
-        replies = self.app.control.ping(destination=[hostname], timeout=timeout, limit=1)
+        """A worker's readiness ping, safe to run from one thread per worker.
+
+        A control call from the pool holds two pooled broker connections at once:
+        one to read the replies, and one under the producer that publishes the
+        command. With ``broker_pool_limit`` (10) threads inside at once, each holds
+        its first and waits for a second that never frees: kombu's pool blocks
+        forever. The replies are read on a connection of the ping's own instead.
+        """
+        with self.app.connection_for_write() as conn:
+            replies = self.app.control.ping(destination=[hostname], timeout=timeout, limit=1, connection=conn)
         return any(hostname in r for r in replies)
 
     def _worker_hostnames(self) -> list[str]:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import celery.exceptions
@@ -69,6 +70,31 @@ def test_two_clusters_at_once_are_isolated():
         assert ra["pid"] in a.children("w1") and rb["pid"] in b.children("w1")
         a.redis_client().set("only-in-a", 1)
         assert b.redis_client().get("only-in-a") is None
+
+
+def test_readiness_pings_from_more_threads_than_the_pool_holds_all_return(cluster):
+    """Lesson 03 starts 11 workers, so 11 readiness probes ping at once.
+
+    With the pings on the app's pool (10 connections, two held per control
+    call) every thread waited for a second connection for ever and the cluster
+    never started (CI, stop 20: a 240 s cell timeout).
+    """
+    n = cluster.app.conf.broker_pool_limit + 2
+    host = cluster.service("w1").hostname
+    barrier = threading.Barrier(n)
+    answers: list[bool] = []
+
+    def ping() -> None:
+        barrier.wait()
+        answers.append(cluster._ping_one(host, 2.0))
+
+    threads = [threading.Thread(target=ping, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert answers == [True] * n, f"{n - len(answers)} of {n} pings never returned"
 
 
 def test_worker_kill_pause_resume_restart(cluster):
