@@ -2,7 +2,7 @@
 
 One single-node cluster, started in the background (``start_soon``), serves
 the module: a node takes seconds to boot. The three-node cluster is started
-once for the whole suite, by lesson 10's tests (``tests/lessons/test_failures.py``).
+once for the whole suite, by ``tests/lessons/test_single_points.py``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from labkit.lessons import failures
+from labkit.lessons import single_points
 from labkit.services.redis import RedisService
 from labkit.services.sentinel import sentinel_group
 
@@ -23,4 +23,4 @@ def test_the_bound_covers_detection_and_one_retried_election(tmp_path):
 def test_a_window_shorter_than_the_bound_is_refused_before_anything_runs(tmp_path):
     group = _group(tmp_path)
     with pytest.raises(ValueError, match="failover bound"):
-        failures.failover(SimpleNamespace(sentinel=group), window_s=group.failover_bound_s() - 0.5)
+        single_points.failover(SimpleNamespace(sentinel=group), window_s=group.failover_bound_s() - 0.5)
