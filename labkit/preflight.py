@@ -77,7 +77,10 @@ def lesson_notebooks(directory: Path = NOTEBOOKS) -> list[Path]:
 
 
 def select(notebooks: list[Path], wanted: str | None) -> list[Path]:
-    """``"01,12"`` (numbers or stems) -> those notebooks; unknown names raise ``ValueError``."""
+    """``"01,12"`` (numbers or stems) -> those notebooks; unknown names raise ``ValueError``.
+
+    A number chooses every notebook that carries it: ``"10"`` is both of lesson 10's.
+    """
     if not wanted:
         return notebooks
     chosen = []
