@@ -536,9 +536,15 @@ class LocalCluster(ClusterClient):
         for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
                       [*self.relays.values(), *self.zookeepers, *ha, self.redis, *rabbit], epmd):
             for s in group:
-                if s in rabbit and not keep_run_dir and s.alive():
-                    # its data goes with the run directory: a clean stop (1 s, 6 s with the
-                    # management plugin) would only be waited for
+                if isinstance(s, WorkerService | ZooKeeperService | RabbitMQService) \
+                        and not keep_run_dir and s.alive():
+                    # Nothing a clean stop saves outlives the cluster: the data of a RabbitMQ
+                    # node or a ZooKeeper goes with the run directory (a node's clean stop
+                    # takes 1 s, 6 s with the management plugin; a JVM's 0.2 s), and so does
+                    # every message a worker holds, with its broker. Celery's cold shutdown of
+                    # even an idle worker takes 1.5 s, all of it two fixed sleeps (billiard's
+                    # exiting pool child sleeps 1 s; the prefork pool then joins a timer
+                    # thread that polls every 0.5 s).
                     kill_group(s.proc.pid)
                 else:
                     s.terminate()
