@@ -54,7 +54,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .app import lesson_modules, make_app, merge_settings
-from .client import AttachedCluster, ClusterClient, attach
+from .client import AttachedCluster, ClusterClient, _reconnect_results, attach
 from .poll import poll_until
 from .services.base import (
     Service,
@@ -746,6 +746,8 @@ class LocalCluster(ClusterClient):
         dead: without this, the next ping or publish fails once at random.
         """
         self.app.close()  # Celery rebuilds its connection pools on next use
+        if name == self.redis.name:  # also the result backend
+            _reconnect_results(self.app)
         pending = {w.hostname for w in self.workers.values() if w.alive() and w.state == Status.RUNNING}
 
         def reconnected() -> bool:

@@ -151,6 +151,22 @@ def test_redis_restart_keeps_its_port(cluster):
     assert cluster.task(add).delay(4, 5).get(timeout=20) == 9
 
 
+def test_after_a_redis_restart_the_kernel_listens_for_its_pending_results_again(cluster):
+    """About one restart in ten, ``get()`` timed out on a task that had succeeded.
+
+    The kernel's result subscriptions lived on a socket to the old server; the
+    next ``SUBSCRIBE`` could vanish into it. Now the restart moves them.
+    """
+    pending = cluster.task(add).apply_async((1, 2), queue="no-worker-reads-this")  # subscribes now
+    channel = f"celery-task-meta-{pending.id}"
+    assert dict(cluster.redis_client().pubsub_numsub(channel)) == {channel.encode(): 1}
+    cluster.kill("redis")
+    cluster.restart("redis")
+    assert dict(cluster.redis_client().pubsub_numsub(channel)) == {channel.encode(): 1}, \
+        "nobody on the restarted Redis listens for the pending result"
+    assert cluster.task(add).delay(4, 5).get(timeout=20) == 9
+
+
 def test_a_caller_sees_a_killed_worker_as_a_lost_task():
     with LocalCluster(workers=1, zookeeper=0, reuse=False, settings={"task_acks_late": False}) as c:
         r = c.task(slow).delay(5)
