@@ -491,9 +491,14 @@ class LocalCluster(ClusterClient):
         """Wait for every service at once; report *all* that failed, not the first."""
         if not services:
             return
-        with ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="labkit-ready") as pool:
+        pool = ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="labkit-ready")
+        try:
             futures = [pool.submit(s.wait_ready, self.start_timeout) for s in services]
             errors = [f.exception() for f in futures]
+        finally:
+            # not shutdown(wait=True): an interrupt (Ctrl-C, nbval's timeout) must reach the
+            # caller now, whose clean-up stops the services, and that ends their probes
+            pool.shutdown(wait=False, cancel_futures=True)
         errors = [e for e in errors if e is not None]
         if len(errors) == 1:
             raise errors[0]

@@ -381,6 +381,44 @@ def test_a_probe_that_raises_is_quoted_in_the_readiness_error(tmp_path):
     assert not service.alive() and service.state == Status.FAILED
 
 
+def test_an_interrupt_during_start_reaches_the_caller_at_once(tmp_path):
+    """Ctrl-C (or nbval's timeout) while a service is not ready yet must not wait for its probe.
+
+    The readiness probes ran in a ``with ThreadPoolExecutor`` block, whose exit
+    waited for every probe: up to ``start_timeout`` before the interrupt landed
+    and the clean-up could stop anything.
+    """
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from labkit.services.base import Service
+
+    @dataclass
+    class NeverReady(Service):
+        def command(self) -> list[str]:
+            return ["sleep", "60"]
+
+        def probe(self) -> bool:
+            return False
+
+    service = NeverReady(name="never", run_dir=tmp_path, cluster_id="lktest")
+    service.spawn()
+    owner = SimpleNamespace(start_timeout=20.0)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # what Ctrl-C / Jupyter send
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LocalCluster._wait_all(owner, [service])
+        waited = time.perf_counter() - t0
+    finally:
+        timer.cancel()
+        service.stop()
+    assert waited < owner.start_timeout / 4, f"the interrupt took {waited:.1f} s to arrive"
+    assert poll_until(lambda: not any(t.name.startswith("labkit-ready") for t in threading.enumerate()), 10), \
+        "a readiness probe outlived the stopped service"
+
+
 def test_a_result_collected_after_close_does_not_reconnect(caplog):
     """A pending AsyncResult garbage-collected after close() must not retry the stopped Redis.
 
