@@ -56,6 +56,23 @@ def _forget_results(app: Celery) -> None:
             pubsub.close()
 
 
+def _reconnect_results(app: Celery) -> None:
+    """Move the kernel's result consumer to a fresh Redis connection, after Redis restarted.
+
+    Its pub/sub socket still points at the old server. A ``SUBSCRIBE`` for the
+    next task's result written to that socket can succeed (the kernel buffers
+    it; the reset arrives later), so the result is published to nobody and
+    ``get()`` times out although the task succeeded: one restart in about ten
+    did that. Celery's own recovery re-subscribes every pending result and
+    reads those that finished meanwhile.
+    """
+    backend = getattr(app._local, "backend", None)
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is None or getattr(consumer, "_pubsub", None) is None:
+        return  # nothing subscribed yet: the first get() connects afresh
+    consumer._reconnect_pubsub()  # private API of Celery 5.x's Redis ResultConsumer
+
+
 @runtime_checkable
 class ClusterLike(Protocol):
     """What a lesson may use of a cluster without owning its processes."""

@@ -54,7 +54,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .app import lesson_modules, make_app, merge_settings
-from .client import AttachedCluster, ClusterClient, attach
+from .client import AttachedCluster, ClusterClient, _reconnect_results, attach
 from .poll import poll_until
 from .services.base import (
     Service,
@@ -491,9 +491,14 @@ class LocalCluster(ClusterClient):
         """Wait for every service at once; report *all* that failed, not the first."""
         if not services:
             return
-        with ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="labkit-ready") as pool:
+        pool = ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="labkit-ready")
+        try:
             futures = [pool.submit(s.wait_ready, self.start_timeout) for s in services]
             errors = [f.exception() for f in futures]
+        finally:
+            # not shutdown(wait=True): an interrupt (Ctrl-C, nbval's timeout) must reach the
+            # caller now, whose clean-up stops the services, and that ends their probes
+            pool.shutdown(wait=False, cancel_futures=True)
         errors = [e for e in errors if e is not None]
         if len(errors) == 1:
             raise errors[0]
@@ -536,9 +541,15 @@ class LocalCluster(ClusterClient):
         for group in ([*self.flowers.values(), *self.beats.values(), *self.workers.values()],
                       [*self.relays.values(), *self.zookeepers, *ha, self.redis, *rabbit], epmd):
             for s in group:
-                if s in rabbit and not keep_run_dir and s.alive():
-                    # its data goes with the run directory: a clean stop (1 s, 6 s with the
-                    # management plugin) would only be waited for
+                if isinstance(s, WorkerService | ZooKeeperService | RabbitMQService) \
+                        and not keep_run_dir and s.alive():
+                    # Nothing a clean stop saves outlives the cluster: the data of a RabbitMQ
+                    # node or a ZooKeeper goes with the run directory (a node's clean stop
+                    # takes 1 s, 6 s with the management plugin; a JVM's 0.2 s), and so does
+                    # every message a worker holds, with its broker. Celery's cold shutdown of
+                    # even an idle worker takes 1.5 s, all of it two fixed sleeps (billiard's
+                    # exiting pool child sleeps 1 s; the prefork pool then joins a timer
+                    # thread that polls every 0.5 s).
                     kill_group(s.proc.pid)
                 else:
                     s.terminate()
@@ -740,6 +751,8 @@ class LocalCluster(ClusterClient):
         dead: without this, the next ping or publish fails once at random.
         """
         self.app.close()  # Celery rebuilds its connection pools on next use
+        if name == self.redis.name:  # also the result backend
+            _reconnect_results(self.app)
         pending = {w.hostname for w in self.workers.values() if w.alive() and w.state == Status.RUNNING}
 
         def reconnected() -> bool:

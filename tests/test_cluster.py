@@ -44,6 +44,25 @@ def test_lifecycle_and_idempotent_close():
     assert not c.run_dir.exists()
 
 
+def test_close_does_not_wait_for_celerys_cold_shutdown():
+    """Closing kills the workers: what a clean stop would save (held messages) dies with the broker.
+
+    A worker's cold shutdown is 1.5 s of fixed sleeps in Celery; every notebook
+    and most tests close a cluster, so it added up to minutes of ``make test``.
+    """
+    c = LocalCluster(workers=3, zookeeper=1, reuse=False)
+    try:
+        t0 = time.perf_counter()
+        c.service("w3").stop()  # one worker, stopped the clean way
+        clean = time.perf_counter() - t0
+    finally:
+        t0 = time.perf_counter()
+        c.close()  # everything else: two workers, Redis, ZooKeeper, the launcher
+        closed = time.perf_counter() - t0
+    assert closed < clean / 2, f"close() took {closed:.2f} s, a single worker's clean stop {clean:.2f} s"
+    assert not leftover_processes(c.id, timeout=5)
+
+
 def test_rerunning_the_start_cell_returns_the_running_cluster():
     first = LocalCluster(workers=1, zookeeper=0)
     try:
@@ -129,6 +148,22 @@ def test_redis_restart_keeps_its_port(cluster):
     assert cluster.redis.port == port and cluster.redis_client().ping()
     # restart() returns once the workers have reconnected: the cluster is usable at once
     assert cluster.ping(timeout=2) == {"w1": True, "w2": True}
+    assert cluster.task(add).delay(4, 5).get(timeout=20) == 9
+
+
+def test_after_a_redis_restart_the_kernel_listens_for_its_pending_results_again(cluster):
+    """About one restart in ten, ``get()`` timed out on a task that had succeeded.
+
+    The kernel's result subscriptions lived on a socket to the old server; the
+    next ``SUBSCRIBE`` could vanish into it. Now the restart moves them.
+    """
+    pending = cluster.task(add).apply_async((1, 2), queue="no-worker-reads-this")  # subscribes now
+    channel = f"celery-task-meta-{pending.id}"
+    assert dict(cluster.redis_client().pubsub_numsub(channel)) == {channel.encode(): 1}
+    cluster.kill("redis")
+    cluster.restart("redis")
+    assert dict(cluster.redis_client().pubsub_numsub(channel)) == {channel.encode(): 1}, \
+        "nobody on the restarted Redis listens for the pending result"
     assert cluster.task(add).delay(4, 5).get(timeout=20) == 9
 
 
@@ -344,6 +379,44 @@ def test_a_probe_that_raises_is_quoted_in_the_readiness_error(tmp_path):
     with pytest.raises(ServiceError, match="probe last raised ValueError: the probe itself is buggy"):
         service.start(timeout=1)
     assert not service.alive() and service.state == Status.FAILED
+
+
+def test_an_interrupt_during_start_reaches_the_caller_at_once(tmp_path):
+    """Ctrl-C (or nbval's timeout) while a service is not ready yet must not wait for its probe.
+
+    The readiness probes ran in a ``with ThreadPoolExecutor`` block, whose exit
+    waited for every probe: up to ``start_timeout`` before the interrupt landed
+    and the clean-up could stop anything.
+    """
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from labkit.services.base import Service
+
+    @dataclass
+    class NeverReady(Service):
+        def command(self) -> list[str]:
+            return ["sleep", "60"]
+
+        def probe(self) -> bool:
+            return False
+
+    service = NeverReady(name="never", run_dir=tmp_path, cluster_id="lktest")
+    service.spawn()
+    owner = SimpleNamespace(start_timeout=20.0)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # what Ctrl-C / Jupyter send
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LocalCluster._wait_all(owner, [service])
+        waited = time.perf_counter() - t0
+    finally:
+        timer.cancel()
+        service.stop()
+    assert waited < owner.start_timeout / 4, f"the interrupt took {waited:.1f} s to arrive"
+    assert poll_until(lambda: not any(t.name.startswith("labkit-ready") for t in threading.enumerate()), 10), \
+        "a readiness probe outlived the stopped service"
 
 
 def test_a_result_collected_after_close_does_not_reconnect(caplog):
