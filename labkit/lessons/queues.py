@@ -110,7 +110,7 @@ RABBIT: dict[str, Any] = {"workers": [w for w in _workers() if w["name"] in ("d1
                           "zookeeper": 0, "broker": "rabbitmq"}
 #: What a worker on RabbitMQ logs when it is asked to --disable-prefetch (Celery 5.6+).
 REDIS_ONLY_WARNING = "worker_disable_prefetch is only supported for Redis brokers"
-WORKSHOP = {"LONGS": 6, "SHORTS": 30, "PAIRS": 10, "BURST": 12}
+WORKSHOP = {"LONGS": 5, "SHORTS": 30, "PAIRS": 8, "BURST": 12}  # every run sleep-bound: 45 s budget
 
 
 # ============================================================================ tasks
