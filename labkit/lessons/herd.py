@@ -164,15 +164,19 @@ def retry_randint(self, url: str, tag: str, *, tick: float = 1.0) -> int:
         raise self.retry(exc=exc, countdown=random.randint(30, 60)) from None
 
 
+#: Celery's first retry waits ``randrange(BACKOFF + 1)`` seconds. A constant, not read back from the
+#: task at import time: that looks the task up in the current app, which may be a closed cluster's.
+BACKOFF = 60
+
+
 @shared_task(bind=True, base=TalkSeconds, name="herd.celery", max_retries=3,
-             autoretry_for=(ServiceUnavailable,), retry_backoff=60, retry_jitter=True)
+             autoretry_for=(ServiceUnavailable,), retry_backoff=BACKOFF, retry_jitter=True)
 def retry_celery(self, url: str, tag: str, *, tick: float = 1.0) -> int:
     """Celery's built-in: the first retry after ``random.randrange(60 + 1)`` whole seconds."""
     return fetch(url, tag, self.request.retries)
 
 
 TASKS = {"fixed": retry_fixed, "randint": retry_randint, "celery": retry_celery}
-BACKOFF = int(retry_celery.retry_backoff)  # Celery's first retry waits randrange(BACKOFF + 1) seconds
 
 
 def sliding_peak(times: list[float], width: float) -> int:
