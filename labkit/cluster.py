@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
+from celery import _state as celery_state
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -155,7 +156,9 @@ class LocalCluster(ClusterClient):
                 existing._reused = True
                 return existing
         self = super().__new__(cls)
-        self._key_value = key
+        # reuse=False: a key of its own, or it would take a running twin's place in the
+        # registry, and close_all() (at exit) would miss the twin
+        self._key_value = key if reuse else f"{key}#{uuid.uuid4().hex}"
         self._initialised = False
         return self
 
@@ -569,8 +572,25 @@ class LocalCluster(ClusterClient):
         with LocalCluster._lock:
             if LocalCluster._instances.get(self._key_value) is self:
                 del LocalCluster._instances[self._key_value]
+        self._hand_over_current_app()
         if not keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _hand_over_current_app(self) -> None:
+        """Stop being Celery's current and default app; the latest running cluster's app takes over.
+
+        A closed cluster's app left current made every ``@shared_task`` object
+        resolve its attributes there: a module imported later (a lesson, in a
+        test session) raised ``NotRegistered`` at import. With no cluster
+        running, Celery creates a fresh default app on demand.
+        """
+        with LocalCluster._lock:
+            running = [c.app for c in LocalCluster._instances.values() if c.state == Status.RUNNING]
+        successor = running[-1] if running else None
+        if celery_state._tls.current_app is self.app:
+            celery_state._set_current_app(successor)
+        if celery_state.default_app is self.app:
+            celery_state.set_default_app(successor)
 
     @classmethod
     def close_all(cls) -> None:

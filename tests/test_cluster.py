@@ -82,6 +82,23 @@ def test_rerunning_the_start_cell_returns_the_running_cluster():
         fresh.close()
 
 
+def test_a_closed_clusters_app_is_no_longer_celerys_current_app():
+    """Task objects resolve attributes in the current app; a closed cluster's made imports raise NotRegistered."""
+    import celery
+
+    outer = LocalCluster(workers=0, zookeeper=0, reuse=False)
+    try:
+        inner = LocalCluster(workers=0, zookeeper=0, reuse=False)
+        assert {inner, outer} <= set(LocalCluster._instances.values()), "both are closed at exit"
+        assert celery.current_app._get_current_object() is inner.app
+        inner.close()
+        assert celery.current_app._get_current_object() is outer.app, "the running cluster's app takes over"
+    finally:
+        outer.close()
+    assert celery.current_app._get_current_object() not in (inner.app, outer.app)
+    assert add.name == "welcome.add" and add.max_retries == 3  # the proxy resolves in a live app
+
+
 def test_two_clusters_at_once_are_isolated():
     with LocalCluster(workers=1, zookeeper=0, reuse=False) as a, LocalCluster(workers=1, zookeeper=0, reuse=False) as b:
         assert a.redis_url != b.redis_url
