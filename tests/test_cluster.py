@@ -421,7 +421,10 @@ def test_an_interrupt_during_start_reaches_the_caller_at_once(tmp_path):
     service = NeverReady(name="never", run_dir=tmp_path, cluster_id="lktest")
     service.spawn()
     owner = SimpleNamespace(start_timeout=20.0)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # what Ctrl-C / Jupyter send
+    # SIGINT, as Ctrl-C and Jupyter send, addressed to the waiting thread (a process-wide signal
+    # may land on any thread, and then not wake this one), with Python's own handler in place
+    timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.perf_counter()
     timer.start()
     try:
@@ -430,6 +433,7 @@ def test_an_interrupt_during_start_reaches_the_caller_at_once(tmp_path):
         waited = time.perf_counter() - t0
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
         service.stop()
     assert waited < owner.start_timeout / 4, f"the interrupt took {waited:.1f} s to arrive"
     assert poll_until(lambda: not any(t.name.startswith("labkit-ready") for t in threading.enumerate()), 10), \

@@ -86,13 +86,19 @@ def connect(owner: str = "base"):
     socket and does not notice a ``fork()``; redis-py's default *pooled*
     client would (its pool checks the pid and reconnects in a child). The
     connection is named ``lesson04-db-<owner>-<worker>-<pid that connected>``
-    so that Redis's ``CLIENT LIST`` tells who opened it.
+    so that Redis's ``CLIENT LIST`` tells who opened it (a reconnect names the process that
+    reconnected: a child that dropped an inherited socket carries its own pid).
     """
     import redis  # noqa: PLC0415
 
-    name = f"{DB_NAME}-{owner}-{worker_name() or 'kernel'}-{os.getpid()}"
-    return redis.Redis.from_url(redis_url(), single_connection_client=True, client_name=name,
-                                socket_timeout=1.0, retry_on_timeout=False)
+    prefix = f"{DB_NAME}-{owner}-{worker_name() or 'kernel'}"
+
+    def named_by_connecting_process(conn) -> None:  # every (re)connect, in the process making it
+        conn.client_name = f"{prefix}-{os.getpid()}"
+        conn.on_connect()
+
+    return redis.Redis.from_url(redis_url(), single_connection_client=True, socket_timeout=1.0,
+                                retry_on_timeout=False, redis_connect_func=named_by_connecting_process)
 
 
 class SlideDBTask(Task):
