@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,25 @@ def _run_nbval(path: Path, cwd: Path, timeout: int) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout * 4 + 120)
 
 
+def _failure_report(stdout: str) -> str:
+    """nbval's report, cut to what explains a failure: the first failing cell whole, then the summary.
+
+    Later cells usually fail only because the first one did (a name it
+    should have defined); the first one's traceback is the one to read.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", stdout)  # nbval colours its output
+    first = re.search(r"^_{3,} .*::Cell \d+ _{3,}$", text, re.MULTILINE)
+    if first is None:
+        return text[-8000:]
+    end = re.search(r"^_{3,} .*::Cell \d+ _{3,}$", text[first.end():], re.MULTILINE)
+    cell = text[first.start(): first.end() + end.start()] if end else text[first.start():]
+    summary = text[text.rfind("short test summary info"):] if "short test summary info" in text else ""
+    return cell[-12000:] + "\n...\n" + summary[-3000:]
+
+
 def _check(proc: subprocess.CompletedProcess, name: str) -> None:
     left = leftover_processes(timeout=10)
-    assert proc.returncode == 0, f"{name} failed under nbval:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, f"{name} failed under nbval:\n{_failure_report(proc.stdout)}\n{proc.stderr[-2000:]}"
     assert not left, f"{name} left processes running: {describe(left)}"
 
 
