@@ -129,6 +129,12 @@ def _stream_through_kill(cluster: LocalCluster, victim: str, send: Callable[[Any
     retrying until the window closes. With ``tail_s`` the stream stops once
     publishes have been accepted again for that long. Returns one record per
     message: ``sent`` and ``acked`` (seconds relative to the kill) and ``ok``.
+
+    Times count from the moment the victim is known dead (``kill`` returns
+    once it has exited), not from when the kill was due: under load the loop
+    reaches the kill late, and publishes acknowledged in between would read
+    as "accepted after the kill". Use ``sent >= 0`` for "published to a dead
+    broker".
     """
     app = _producer(cluster)
     records: list[dict] = []
@@ -147,29 +153,29 @@ def _stream_through_kill(cluster: LocalCluster, victim: str, send: Callable[[Any
         except Exception:
             ok = False
         with lock:
-            records.append({"i": i, "sent": sent - t_kill, "acked": time.monotonic() - t_kill, "ok": ok})
+            records.append({"i": i, "sent": sent, "acked": time.monotonic(), "ok": ok})
 
     def resumed_for(seconds: float) -> bool:
         with lock:
-            after = [x["acked"] for x in records if x["ok"] and x["acked"] >= 0]
-        return bool(after) and time.monotonic() - t_kill >= min(after) + seconds
+            after = [x["acked"] for x in records if x["ok"] and x["sent"] >= killed_at]
+        return bool(after) and time.monotonic() >= min(after) + seconds
 
     n = round((lead_s + window_s) * rate_hz)
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="labkit-stream")
-    killed = False
+    killed_at = math.inf
     try:
         for i in range(n):
-            if killed and tail_s is not None and resumed_for(tail_s):
+            if killed_at < math.inf and tail_s is not None and resumed_for(tail_s):
                 break
             poll_until(lambda i=i: time.monotonic() >= t0 + i / rate_hz, 10, 0.002)
-            if not killed and time.monotonic() >= t_kill:
-                cluster.kill(victim)
-                killed = True
+            if killed_at == math.inf and time.monotonic() >= t_kill:
+                cluster.kill(victim)  # returns once the process has exited
+                killed_at = time.monotonic()
             pool.submit(publish, i)
     finally:
         pool.shutdown(wait=True)
         app.close()
-    return records
+    return [{**x, "sent": x["sent"] - killed_at, "acked": x["acked"] - killed_at} for x in records]
 
 
 # ----------------------------------------------------------------------------- eliminate: Sentinel
@@ -201,8 +207,8 @@ def failover(cluster: LocalCluster, *, window_s: float = 10.0, rate_hz: float = 
         present = r.llen(q)
         r.delete(q)
         r.close()
-    ok_before = [x for x in records if x["ok"] and x["acked"] < 0]
-    ok_after = sorted(x["acked"] for x in records if x["ok"] and x["acked"] >= 0)
+    ok_before = [x for x in records if x["ok"] and x["sent"] < 0]
+    ok_after = sorted(x["acked"] for x in records if x["ok"] and x["sent"] >= 0)  # published to a dead broker
     acked = sum(x["ok"] for x in records)
     gap = ok_after[0] if ok_after else window_s
     label = "Sentinel: primary killed" if ha else "standalone Redis killed"
@@ -252,7 +258,7 @@ def node_death(cluster: LocalCluster, *, window_s: float = 3.0, rate_hz: float =
                alive=lambda: any(n.alive() for n in cluster.rabbitmq_nodes))  # no broker left: nothing will run
     time.sleep(0.5)  # a redelivered duplicate arrives within moments of the failover
     runs = {int(k): v for k, v in _counts(cluster, run, "runs").items()}
-    ok_after = sorted(x["acked"] for x in records if x["ok"] and x["acked"] >= 0)
+    ok_after = sorted(x["acked"] for x in records if x["ok"] and x["sent"] >= 0)  # published to a dead node
     nodes = len(cluster.rabbitmq_nodes)
     return Measurement(f"RabbitMQ, {nodes} node{'s' if nodes > 1 else ''}: {victim} killed",
                        "time until publishing resumed", "s", [ok_after[0] if ok_after else window_s], stat="max",
