@@ -17,6 +17,7 @@ import redis.exceptions
 from kazoo.client import KazooClient
 
 from labkit import LocalCluster, ServiceError, Status
+from labkit.cluster import run_root
 from labkit.lessons.welcome import add, slow, where
 from labkit.poll import poll_until
 from labkit.services.base import labkit_processes
@@ -277,8 +278,10 @@ time.sleep(600)
 """
 
 
-def test_sigkill_of_the_owner_leaves_nothing_behind():
-    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+def test_sigkill_of_the_owner_leaves_nothing_behind(tmp_path):
+    """...but the logs, where ``LABKIT_KEEP_LOGS`` asks for them: the guard copies them before it sweeps."""
+    env = dict(os.environ, LABKIT_KEEP_LOGS=str(tmp_path))
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, env=env)
     try:
         info = json.loads(owner.stdout.readline())
         assert len(labkit_processes(info["id"])) >= 4
@@ -287,9 +290,23 @@ def test_sigkill_of_the_owner_leaves_nothing_behind():
         time.sleep(5)
         left = labkit_processes(info["id"])
         assert not left, f"alive 5 s after the owner was SIGKILLed: {[(p.pid, p.name()) for p in left]}"
+        kept = {f.name for f in (tmp_path / info["id"]).glob("*.log")}
+        assert {"redis.log", "w1.log", "w2.log"} <= kept, f"logs kept: {sorted(kept)}"
+        assert not list(run_root().glob(f"{info['id']}-*")), "the run directory outlived its owner"
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_close_keeps_the_logs_where_asked(tmp_path, monkeypatch):
+    """A failure read after the close (CI's notebook runs) needs the logs the run directory took with it."""
+    monkeypatch.setenv("LABKIT_KEEP_LOGS", str(tmp_path))
+    c = LocalCluster(workers=1, zookeeper=0, reuse=False)
+    c.task(add).delay(1, 1).get(timeout=20)
+    c.close()
+    assert not c.run_dir.exists()
+    worker_log = tmp_path / c.id / "w1.log"
+    assert worker_log.exists() and "ready" in worker_log.read_text(), sorted(os.listdir(tmp_path / c.id))
 
 
 def test_cli_doctor_up_status_down():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -55,12 +56,14 @@ def test_papermill_reads_every_parameter(path: Path, caplog: pytest.LogCaptureFi
     assert not undocumented, f"{path.name}: give these parameters a trailing comment: {undocumented}"
 
 
-def _run_nbval(path: Path, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+def _run_nbval(path: Path, cwd: Path, timeout: int, logs: Path) -> subprocess.CompletedProcess:
+    """Run one notebook under nbval; every cluster it starts leaves its service logs under ``logs``."""
     cmd = [
         sys.executable, "-m", "pytest", "--nbval-lax", f"--nbval-cell-timeout={timeout}",
         "-p", "no:cacheprovider", "-q", "--rootdir", str(path.parent), str(path),
     ]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout * 4 + 120)
+    env = dict(os.environ, LABKIT_KEEP_LOGS=str(logs))
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout * 4 + 120)
 
 
 def _failure_report(stdout: str) -> str:
@@ -79,16 +82,30 @@ def _failure_report(stdout: str) -> str:
     return cell[-12000:] + "\n...\n" + summary[-3000:]
 
 
-def _check(proc: subprocess.CompletedProcess, name: str) -> None:
+def _log_tails(logs: Path, lines: int = 15, budget: int = 24000) -> str:
+    """The last ``lines`` lines of every service log the notebook's clusters kept, workers first."""
+    services = ("redis", "replica", "sentinel", "zk", "rabbit", "epmd", "launcher", "guard", "flower")
+    files = sorted(logs.glob("*/*.log"), key=lambda f: (f.stem.startswith(services) or "relay" in f.stem, str(f)))
+    parts = []
+    for f in files:
+        tail = f.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {f.parent.name}/{f.name}\n" + "\n".join(tail))
+    text = "\n".join(parts)
+    return text if len(text) <= budget else text[:budget] + "\n... (cut)"
+
+
+def _check(proc: subprocess.CompletedProcess, name: str, logs: Path) -> None:
     left = leftover_processes(timeout=10)
-    assert proc.returncode == 0, f"{name} failed under nbval:\n{_failure_report(proc.stdout)}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, (f"{name} failed under nbval:\n{_failure_report(proc.stdout)}\n"
+                                  f"{proc.stderr[-2000:]}\nservice logs:\n{_log_tails(logs)}")
     assert not left, f"{name} left processes running: {describe(left)}"
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_notebook_runs(path: Path, request: pytest.FixtureRequest):
-    _check(_run_nbval(path, path.parent, request.config.getoption("--nb-cell-timeout")), path.name)
+def test_notebook_runs(path: Path, tmp_path: Path, request: pytest.FixtureRequest):
+    logs = tmp_path / "logs"
+    _check(_run_nbval(path, path.parent, request.config.getoption("--nb-cell-timeout"), logs), path.name, logs)
 
 
 WORKSHOP = [p for p in NOTEBOOKS if getattr(LESSONS.get(p.name), "WORKSHOP", None)]
@@ -107,8 +124,9 @@ def test_notebook_runs_at_workshop_parameters(path: Path, tmp_path: Path, reques
     nb = parameterize_notebook(load_notebook_node(str(path)), params, kernel_name="python3", language="python")
     copy = tmp_path / path.name
     nbformat.write(nb, copy)
-    _check(_run_nbval(copy, path.parent, request.config.getoption("--nb-cell-timeout")),
-           f"{path.name} with {params}")
+    logs = tmp_path / "logs"
+    _check(_run_nbval(copy, path.parent, request.config.getoption("--nb-cell-timeout"), logs),
+           f"{path.name} with {params}", logs)
 
 
 @pytest.mark.notebook

@@ -64,6 +64,10 @@ def main(argv: list[str]) -> int:
     while os.getppid() == owner:
         time.sleep(0.2)
     sweep(cluster_id, run_dir)
+    keep = os.environ.get("LABKIT_KEEP_LOGS")  # as LocalCluster.close does: the logs explain the death
+    if keep and os.path.isdir(os.path.join(run_dir, "logs")):
+        with contextlib.suppress(OSError):
+            shutil.copytree(os.path.join(run_dir, "logs"), os.path.join(keep, cluster_id), dirs_exist_ok=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
