@@ -25,8 +25,8 @@ that fails on both is a false alarm, and the matrix shows it as such.
 
 What Celery 5.7 really does in eager mode (read in ``celery/app/task.py``):
 ``apply_async`` with ``task_always_eager`` *does* serialise the arguments
-(a round trip through the task serializer, since Celery 4.2) and runs the
-task inside ``denied_join_result()``, so ``result.get()`` in an eager task
+(a round trip through the task serializer, since Celery 4.3) and runs the
+task inside ``denied_join_result()`` (since 4.2), so ``result.get()`` in an eager task
 raises. It does not serialise the *result*, enforces no time limit and runs
 in the caller's process, on the caller's clock.
 """
