@@ -34,6 +34,20 @@ DEBIAN_JAR = "/usr/share/java/zookeeper.jar"
 SLF4J_SIMPLE = "/usr/share/java/slf4j-simple.jar"
 
 TICK_MS = 250
+INIT_LIMIT = 40  # ticks a new leader waits for its followers to sync
+SYNC_LIMIT = 20  # ticks a follower may lag before the leader drops it
+
+
+def leader_loss_bound_s() -> float:
+    """Seconds an ensemble that keeps a quorum may take to serve again after its leader dies.
+
+    The survivors see the leader's socket close and elect a new one in a
+    fraction of a second (``finalizeWait`` is 200 ms); the new leader then
+    waits up to ``initLimit`` ticks for a quorum of followers to sync before
+    it serves. A client adds its reconnect and one round trip (a second or
+    two on a loaded laptop). Idle, the whole gap is about half a second.
+    """
+    return INIT_LIMIT * TICK_MS / 1000 + 2.0
 
 
 def find_java() -> str | None:
@@ -154,8 +168,8 @@ class ZooKeeperService(Service):
             f"tickTime={TICK_MS}",
             "minSessionTimeout=500",
             "maxSessionTimeout=30000",
-            "initLimit=40",
-            "syncLimit=20",
+            f"initLimit={INIT_LIMIT}",
+            f"syncLimit={SYNC_LIMIT}",
             f"dataDir={self.data_dir}",
             f"clientPort={self.port}",
             "clientPortAddress=127.0.0.1",

@@ -10,6 +10,7 @@ first's experiments (mostly waiting) run. The negative controls reuse the
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -82,14 +83,22 @@ def test_single_points_zookeeper_ensemble(alone, hardened):
 
 def test_single_points_claim_fails_without_the_fix_no_quorum(hardened):
     two = hardened["two_down"]
-    with pytest.raises(AssertionError, match="locks are still served"):
+    with pytest.raises(AssertionError, match="locks are served again"):
         single_points.ensemble_survives(Comparison(two, two))
+
+
+def test_single_points_claim_fails_when_the_ensemble_came_back_past_its_bound(hardened):
+    """Served again, but later than the ensemble's own bound allows: the claim is about the bound."""
+    one = hardened["one_down"]
+    late = dataclasses.replace(one, meta={**one.meta, "first_after_s": one.meta["patience_s"] + 0.5})
+    with pytest.raises(AssertionError, match="bound for losing its leader"):
+        single_points.ensemble_survives(Comparison(hardened["two_down"], late))
 
 
 def test_single_points_claim_fails_without_the_fix_standalone_zookeeper(alone):
     zk = alone["zk"]
     assert zk.meta["nodes"] == 1 and zk.meta["ok_before"] > 0 and zk.meta["ok_after"] == 0, zk.meta
-    with pytest.raises(AssertionError, match="locks are still served"):
+    with pytest.raises(AssertionError, match="locks are served again"):
         single_points.ensemble_survives(Comparison(zk, zk))
 
 
