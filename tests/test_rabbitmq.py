@@ -12,12 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
-from labkit import LocalCluster, Status, attach
+from labkit import LocalCluster, ServiceError, Status, attach
 from labkit.lessons.welcome import add
 from labkit.poll import poll_until
 from labkit.services.base import labkit_processes
@@ -163,6 +164,42 @@ c = LocalCluster(workers=0, zookeeper=0, broker="rabbitmq", reuse=False)
 print(json.dumps({"id": c.id}), flush=True)
 time.sleep(600)
 """
+
+
+def _hold_remote_control_queue(cluster: LocalCluster, worker: str):
+    """Declare ``worker``'s pidbox queue exclusive on a connection of our own, as a dead node's connection does."""
+    from kombu import Connection  # noqa: PLC0415
+
+    conn = Connection(cluster.broker_url)
+    conn.channel().queue_declare(queue=f"{worker}@{cluster.id}.celery.pidbox", exclusive=True, auto_delete=True)
+    return conn
+
+
+def test_a_worker_waits_while_its_remote_control_queue_is_held(rabbit):
+    """The kit's cluster consumer declares again until the holder lets go (a node death's race, made certain)."""
+    settings = {**rabbit.settings, "worker_consumer": "labkit.quorum:Consumer"}
+    hold = _hold_remote_control_queue(rabbit, "waits")
+    timer = threading.Timer(1.5, hold.release)
+    timer.start()
+    try:
+        rabbit.add_worker("waits", env={"LABKIT_SETTINGS": json.dumps(settings)})
+        assert rabbit.ping()["waits"], "the worker did not answer a control ping once its queue was free"
+        assert "RESOURCE_LOCKED" in rabbit.logs("waits", 400), "the worker did not meet the locked queue"
+    finally:
+        timer.join()
+        rabbit.remove_worker("waits")
+
+
+def test_without_the_wait_a_held_remote_control_queue_kills_the_worker(rabbit):
+    """The negative control: Celery's own consumer calls the 405 unrecoverable and the worker exits."""
+    hold = _hold_remote_control_queue(rabbit, "stock")
+    try:
+        with pytest.raises(ServiceError, match="RESOURCE_LOCKED"):
+            rabbit.add_worker("stock", env={"LABKIT_SETTINGS": json.dumps(rabbit.settings)})
+    finally:
+        hold.release()
+        if "stock" in rabbit.workers:
+            rabbit.remove_worker("stock")
 
 
 def test_sigkill_of_the_owner_leaves_no_erlang_process():

@@ -583,8 +583,10 @@ def broker_settings(nodes: int) -> dict:
     global QoS off by itself (``worker_detect_quorum_queues``: quorum queues
     reject it, the prefetch limit becomes per consumer). Workers run
     :class:`labkit.quorum.Consumer`: Celery's consumer without its native
-    delayed-delivery step, which stalls a worker for ~17 s after a node dies
-    (see :mod:`labkit.quorum`).
+    delayed-delivery step, which stalls a worker for ~17 s after a node dies,
+    and waiting out a remote-control queue a survivor still holds for the
+    dead node's connection, which otherwise makes the worker exit (see
+    :mod:`labkit.quorum`).
     """
     if nodes <= 1:
         return {}
