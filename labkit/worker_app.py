@@ -22,9 +22,10 @@ from pathlib import Path
 from celery.signals import beat_init, worker_init, worker_ready
 from celery.worker.control import control_command
 
-from labkit import define
+from labkit import define, patches
 from labkit.app import broker_url, env_settings, make_app, redis_url
 
+patches.apply()
 _include = os.environ.get("LABKIT_INCLUDE")
 app = make_app(
     redis_url(),
