@@ -45,7 +45,6 @@ from labkit.lessons._probe import ProbeServer
 from labkit.lessons.failures import LOST_WAIT, TRANSPORT, _counts, _producer, _publish
 from labkit.measure import Comparison, Measurement, claim, verify
 from labkit.poll import poll_until
-from labkit.services.zookeeper import leader_loss_bound_s
 
 if TYPE_CHECKING:  # pragma: no cover - workers import this module and need neither
     from labkit.client import ClusterLike
@@ -289,7 +288,7 @@ def lock_service(cluster: LocalCluster, *, kill: int = 1, window_s: float = 3.0,
     Watches ``window_s`` after the kill. If the service has not come back by
     then, it keeps watching up to ``patience_s`` after the kill — by default
     the ensemble's own bound when the survivors still hold a quorum
-    (:func:`~labkit.services.zookeeper.leader_loss_bound_s`; a loaded laptop
+    (``ZooKeeperService.leader_loss_bound_s``; a loaded laptop
     can need more than a short window for the election), and no longer
     when they do not (nothing is coming back). Measured: the longest gap
     between two successful lock round trips around the kill (ms; up to the
@@ -306,7 +305,7 @@ def lock_service(cluster: LocalCluster, *, kill: int = 1, window_s: float = 3.0,
     victims = [zk.name for zk in order[:kill]]
     quorum = len(cluster.zookeepers) // 2 + 1
     if patience_s is None:
-        patience_s = max(window_s, leader_loss_bound_s()) if len(live) - kill >= quorum else window_s
+        patience_s = max(window_s, cluster.zookeepers[0].leader_loss_bound_s()) if len(live) - kill >= quorum else window_s
     modes = {zk.name: zk.mode() for zk in live}
     quiet = KazooRetry(max_tries=0)
     client = KazooClient(hosts=cluster.zk_hosts, timeout=6.0, connection_retry={"max_tries": -1, "delay": 0.05,

@@ -38,16 +38,6 @@ INIT_LIMIT = 40  # ticks a new leader waits for its followers to sync
 SYNC_LIMIT = 20  # ticks a follower may lag before the leader drops it
 
 
-def leader_loss_bound_s() -> float:
-    """Seconds an ensemble that keeps a quorum may take to serve again after its leader dies.
-
-    The survivors see the leader's socket close and elect a new one in a
-    fraction of a second (``finalizeWait`` is 200 ms); the new leader then
-    waits up to ``initLimit`` ticks for a quorum of followers to sync before
-    it serves. A client adds its reconnect and one round trip (a second or
-    two on a loaded laptop). Idle, the whole gap is about half a second.
-    """
-    return INIT_LIMIT * TICK_MS / 1000 + 2.0
 
 
 def find_java() -> str | None:
@@ -153,6 +143,17 @@ class ZooKeeperService(Service):
 
     def remedy(self) -> str:
         return REMEDY
+
+    def leader_loss_bound_s(self) -> float:
+        """Seconds this node's ensemble, keeping a quorum, may take to serve again after its leader dies.
+
+        The survivors see the leader's socket close and elect a new one in a
+        fraction of a second (``finalizeWait`` is 200 ms); the new leader then
+        waits up to ``initLimit`` ticks for a quorum of followers to sync before
+        it serves. A client adds its reconnect and one round trip (a second or
+        two on a loaded laptop). Idle, the whole gap is about half a second.
+        """
+        return INIT_LIMIT * TICK_MS / 1000 + 2.0
 
     def prepare(self) -> None:
         self.java = self.java or find_java()

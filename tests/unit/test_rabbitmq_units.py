@@ -86,14 +86,17 @@ def test_quorum_settings_only_for_a_cluster():
     assert three["worker_consumer"] == "labkit.quorum:Consumer"
 
 
-def test_the_quorum_consumer_is_celerys_without_delayed_delivery():
+def test_the_quorum_consumer_is_celerys_without_delayed_delivery_and_with_a_waiting_control_step():
     from celery.worker.consumer import Consumer
 
-    from labkit.quorum import DELAYED_DELIVERY
+    from labkit.quorum import CONTROL, DELAYED_DELIVERY, Control
     from labkit.quorum import Consumer as Quorum
 
-    assert DELAYED_DELIVERY in Consumer.Blueprint.default_steps
-    assert [s for s in Consumer.Blueprint.default_steps if s != DELAYED_DELIVERY] == Quorum.Blueprint.default_steps
+    assert DELAYED_DELIVERY in Consumer.Blueprint.default_steps and CONTROL in Consumer.Blueprint.default_steps
+    expected = ["labkit.quorum:Control" if s == CONTROL else s
+                for s in Consumer.Blueprint.default_steps if s != DELAYED_DELIVERY]
+    assert Quorum.Blueprint.default_steps == expected
+    assert Control.name == "celery.worker.consumer.control.Control"  # what other steps' dependencies name
 
 
 @pytest.mark.parametrize("kwargs, message", [
