@@ -92,6 +92,9 @@ def test_task_classes_handlers_per_fate(calls):
     assert row("retry") == {"on_retry": 1, "on_success": 1, "after_return": 1}  # after_return: final attempt only
     assert row("sigkill") == {"task_failure": 1}
     assert row("time_limit")["on_failure"] == 1 and row("time_limit")["after_return"] == 1
+    # billiard's on_hard_timeout sets the job's error (Request.on_failure: task_failure) and then calls
+    # Request.on_timeout (task_failure again), in one callback of the main process: twice, every time
+    assert row("time_limit")["task_failure"] == 2 and calls["task_failure"].meta["where"]["time_limit"] == ["main"]
     assert calls["on_failure"].meta["where"]["time_limit"] == ["main"]  # run by the worker's main process
     assert sum(calls["after_failure"].values) == 0
 
