@@ -68,6 +68,7 @@ from .services.base import (
 )
 from .services.beat import BeatService
 from .services.flower import FlowerService
+from .services.guard import keep_logs
 from .services.launcher import LauncherService, preload_enabled
 from .services.rabbitmq import (
     QueueDepths,
@@ -573,21 +574,9 @@ class LocalCluster(ClusterClient):
             if LocalCluster._instances.get(self._key_value) is self:
                 del LocalCluster._instances[self._key_value]
         self._hand_over_current_app()
-        self._keep_logs()
+        keep_logs(self.run_dir, self.id)
         if not keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def _keep_logs(self) -> None:
-        """Copy every service log to ``$LABKIT_KEEP_LOGS/<cluster id>/`` when that is set.
-
-        The run directory goes with the cluster; a failure seen only after the
-        close (a notebook run by CI, a verify cell that raised) needs the logs
-        that explain it. The notebook tests set it and print the tails on failure.
-        """
-        keep = os.environ.get("LABKIT_KEEP_LOGS")
-        if keep and (self.run_dir / "logs").is_dir():
-            with contextlib.suppress(OSError):
-                shutil.copytree(self.run_dir / "logs", Path(keep) / self.id, dirs_exist_ok=True)
 
     def _hand_over_current_app(self) -> None:
         """Stop being Celery's current and default app; the latest running cluster's app takes over.

@@ -1,4 +1,4 @@
-"""A Celery worker consumer for a RabbitMQ *cluster* (``worker_consumer`` setting): Celery's, minus one step, plus one wait.
+"""A worker consumer for a RabbitMQ *cluster* (``worker_consumer``): Celery's, minus one step, plus one wait.
 
 **Minus native delayed delivery.** With quorum queues, Celery 5.5+ adds a
 bootstep, ``DelayedDelivery``, that declares 28 ``celery_delayed_*``
@@ -95,4 +95,3 @@ class Consumer(CeleryConsumer):
     class Blueprint(CeleryConsumer.Blueprint):
         default_steps = [f"{__name__}:Control" if s == CONTROL else s
                          for s in CeleryConsumer.Blueprint.default_steps if s != DELAYED_DELIVERY]
-

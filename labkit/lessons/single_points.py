@@ -303,9 +303,9 @@ def lock_service(cluster: LocalCluster, *, kill: int = 1, window_s: float = 3.0,
         raise ValueError(f"asked to kill {kill} ZooKeeper node(s) but only {len(live)} run")
     order = sorted(live, key=lambda zk: zk.mode() != "leader")  # the leader first
     victims = [zk.name for zk in order[:kill]]
-    quorum = len(cluster.zookeepers) // 2 + 1
-    if patience_s is None:
-        patience_s = max(window_s, cluster.zookeepers[0].leader_loss_bound_s()) if len(live) - kill >= quorum else window_s
+    if patience_s is None:  # wait for a comeback only where one can come: the survivors hold a quorum
+        keeps_quorum = len(live) - kill >= len(cluster.zookeepers) // 2 + 1
+        patience_s = max(window_s, cluster.zookeepers[0].leader_loss_bound_s()) if keeps_quorum else window_s
     modes = {zk.name: zk.mode() for zk in live}
     quiet = KazooRetry(max_tries=0)
     client = KazooClient(hosts=cluster.zk_hosts, timeout=6.0, connection_retry={"max_tries": -1, "delay": 0.05,

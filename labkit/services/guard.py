@@ -57,6 +57,20 @@ def sweep(cluster_id: str, run_dir: str) -> None:
         time.sleep(0.1)
 
 
+def keep_logs(run_dir: str | os.PathLike, cluster_id: str) -> None:
+    """Copy ``run_dir/logs`` to ``$LABKIT_KEEP_LOGS/<cluster id>/`` when that is set (before the run dir goes).
+
+    A failure read only after the cluster is gone (a notebook run by CI, a
+    verify cell that raised, a kernel killed by a timeout) needs the logs
+    that explain it. Called by ``LocalCluster.close`` and by the guard.
+    """
+    keep = os.environ.get("LABKIT_KEEP_LOGS")
+    logs = os.path.join(run_dir, "logs")
+    if keep and os.path.isdir(logs):
+        with contextlib.suppress(OSError):
+            shutil.copytree(logs, os.path.join(keep, cluster_id), dirs_exist_ok=True)
+
+
 def main(argv: list[str]) -> int:
     owner, cluster_id, run_dir = int(argv[0]), argv[1], argv[2]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # normal close: just go
@@ -64,10 +78,7 @@ def main(argv: list[str]) -> int:
     while os.getppid() == owner:
         time.sleep(0.2)
     sweep(cluster_id, run_dir)
-    keep = os.environ.get("LABKIT_KEEP_LOGS")  # as LocalCluster.close does: the logs explain the death
-    if keep and os.path.isdir(os.path.join(run_dir, "logs")):
-        with contextlib.suppress(OSError):
-            shutil.copytree(os.path.join(run_dir, "logs"), os.path.join(keep, cluster_id), dirs_exist_ok=True)
+    keep_logs(run_dir, cluster_id)  # the logs explain the death
     shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 

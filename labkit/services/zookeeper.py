@@ -38,8 +38,6 @@ INIT_LIMIT = 40  # ticks a new leader waits for its followers to sync
 SYNC_LIMIT = 20  # ticks a follower may lag before the leader drops it
 
 
-
-
 def find_java() -> str | None:
     home = os.environ.get("JAVA_HOME")
     if home and os.access(os.path.join(home, "bin", "java"), os.X_OK):
