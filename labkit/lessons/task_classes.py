@@ -327,10 +327,11 @@ def connections(cluster: LocalCluster, style: str = "per_call", *, n: int = 200,
     ``2 * SLIDE_ROUNDS`` awaited batches that take turns: the pool hands
     tasks to its children in turn, so types strictly alternating task by
     task could each land on one child and hide the cost. With ``fresh`` the
-    worker is restarted first, so no child holds a connection yet. Before measuring, a warm-up
-    batch of ``no_db`` tasks lets every child open Celery's own connections,
-    and a control batch of ``no_db`` tasks (a quarter of ``n``, at least 50)
-    measures what Celery alone opens meanwhile (``meta["control"]``, expected 0).
+    worker is restarted first, so no child holds a connection yet. Before
+    measuring, a warm-up batch of ``no_db`` tasks lets every child open
+    Celery's own connections, and a control batch of ``no_db`` tasks (a
+    quarter of ``n``, at least 50) measures what Celery alone opens meanwhile
+    (``meta["control"]``, expected 0).
     """
     tasks = {"per_call": [per_call], "slide": [slide_get, slide_put], "lazy": [lazy]}
     if style not in tasks:
@@ -528,14 +529,14 @@ def one_connection_per_process(comparison: Comparison) -> None:
     before, after = comparison.before.meta, comparison.after.meta
     children, types = after["concurrency"], before["task_types"]
     verify("both runs did every database call", before["done"] == before["n"] and after["done"] == after["n"])
-    per_child = {"before": Counter(before["live_db_pids"]), "after": Counter(after["live_db_pids"])}
+    slide, shared = Counter(before["live_db_pids"]), Counter(after["live_db_pids"])  # connections per child pid
     verify(f"the base-class cache keeps one live connection per child (at most {children})",
-           max(per_child["after"].values(), default=0) <= 1 and len(per_child["after"]) <= children,
-           per_child=dict(per_child["after"]), children=children)
+           max(shared.values(), default=0) <= 1 and len(shared) <= children, per_child=dict(shared),
+           children=children)
     verify(f"a child that ran the slide's {types} task types holds one connection per type",
-           max(per_child["before"].values(), default=0) == types, per_child=dict(per_child["before"]))
+           max(slide.values(), default=0) == types, per_child=dict(slide))
     # the pool picks which child runs a task: thresholds count the children that did
-    comparison.check(before_at_least=len(per_child["before"]) + 1, after_at_most=children)
+    comparison.check(before_at_least=len(slide) + 1, after_at_most=children)
 
 
 @claim("a connection made before the fork hands replies to the wrong child; made after it, none")
